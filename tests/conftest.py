@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny" / "asagi-2stage.yaml"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def kakehashi(*args, cwd=None, env=None, timeout=900):
+    """Run the real console entry point in a fresh process; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "train.cli", *map(str, args)],
+        cwd=cwd or REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_recipe_text():
+    return TINY_RECIPE.read_text(encoding="utf-8")

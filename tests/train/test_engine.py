@@ -1,0 +1,62 @@
+"""The engine on real DeepSpeed (one gloo rank in-process): freeze plans and loss normalisation."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tests.train.conftest import make_stage, random_batch
+from train.engine import MetricsLog, consolidated_state_dict, train_stage
+from train.model import LlavaForTraining, component_parameters
+
+
+def snapshot(model):
+    return {c: {n: p.detach().clone() for n, p in ps} for c, ps in component_parameters(model).items()}
+
+
+@pytest.mark.parametrize("trained, zero_stage", [(["projector"], 2), (["llm"], 0), (["vision_encoder", "projector"], 3)])
+def test_frozen_weights_are_bit_identical_after_a_stage(world, tiny_model, trained, zero_stage):
+    rank, world_size = world
+    before = snapshot(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    batches = iter([random_batch(generator, 2, 40, 20) for _ in range(4)])
+    stage = make_stage(train=trained, lr={c: 1e-2 for c in trained}, zero_stage=zero_stage)
+    engine, summary = train_stage(tiny_model, stage, batches, None, rank=rank, world_size=world_size)
+    after = consolidated_state_dict(engine, rank)
+    for component, params in before.items():
+        changed = [name for name, value in params.items() if not torch.equal(after[name], value)]
+        if component in trained:
+            assert changed, f"{component} was trained but no weight moved"
+        else:
+            assert not changed, f"{component} is frozen but {changed[:3]} changed"
+    assert summary.trainable[trained[0]] > 0 and all(summary.trainable[c] == 0 for c in summary.frozen if c not in trained)
+
+
+def test_loss_is_normalised_over_all_target_tokens_of_the_step(world, tiny_model, tmp_path):
+    """Two micro-batches with 10x different target counts: the step's gradient is that of sum(token losses) / N."""
+    rank, world_size = world
+    generator = torch.Generator().manual_seed(2)
+    few, many = random_batch(generator, 2, 40, 36), random_batch(generator, 2, 40, 17)
+    assert many["num_target_tokens"] > 5 * few["num_target_tokens"]
+
+    reference = LlavaForTraining(copy.deepcopy(tiny_model))
+    total = few["num_target_tokens"] + many["num_target_tokens"]
+    per_token, per_batch = 0.0, 0.0
+    for batch in (few, many):
+        loss_sum, count = reference(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])
+        per_token = per_token + loss_sum / total
+        per_batch = per_batch + loss_sum / count / 2
+    trained = [p for n, p in reference.named_parameters() if "multi_modal_projector" in n or "language_model" in n or "lm_head" in n]
+    norm_of = lambda loss: torch.linalg.vector_norm(torch.stack([g.norm() for g in torch.autograd.grad(loss, trained, retain_graph=True)]))
+    expected_norm, mean_of_means_norm = norm_of(per_token).item(), norm_of(per_batch).item()
+    assert abs(expected_norm - mean_of_means_norm) / expected_norm > 0.01  # the test can tell them apart
+
+    stage = make_stage(train=["projector", "llm"], lr={"projector": 1e-3, "llm": 1e-3}, steps=1,
+                       max_grad_norm=1e9, zero_stage=2)
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    train_stage(tiny_model, stage, iter([few, many]), metrics, rank=rank, world_size=world_size)
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["loss"] == pytest.approx(per_token.item(), rel=1e-5)
+    assert record["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)
+    assert record["target_tokens"] == total

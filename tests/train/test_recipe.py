@@ -1,0 +1,125 @@
+import json
+
+import pytest
+
+from tests.conftest import REPO, TINY_RECIPE, kakehashi
+from train.recipe import RecipeError, dump_recipe, load_recipe, parse_recipe
+
+
+def problems_of(text, overrides=(), check_files=True):
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(text, "bad.yaml", overrides, check_files=check_files)
+    return caught.value.problems
+
+
+def test_tiny_recipe_is_valid():
+    recipe = load_recipe(TINY_RECIPE)
+    assert [s.name for s in recipe.stages] == ["align", "instruct"]
+    assert recipe.stages[0].train == ["projector"] and recipe.stages[1].train == ["projector", "llm"]
+    assert recipe.stages[1].lr.llm == pytest.approx(1e-3)
+
+
+def test_yaml_syntax_error_names_the_line(tiny_recipe_text):
+    broken = tiny_recipe_text.replace("seed: 0\n\nmodel:", "seed: [0\n\nmodel:", 1)
+    (problem,) = problems_of(broken)
+    assert problem.startswith("YAML syntax error at line ")
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("seed: 0\n", "seed: 0\nlearning_rate: 1\n", "learning_rate: unknown key (line 5)"),
+        ("    steps: 60\n", "    steps: sixty\n", "stages.0.steps: Input should be a valid integer"),
+        ("lr: {projector: 2.0e-3}", "lr: {projector: -2.0e-3}", "stages.0.lr.projector: Input should be greater than 0"),
+        ("train: [projector]\n", "train: []\n", "stages.0.train: stage trains nothing"),
+        ("  llm:\n    config:\n", "  llm:\n    path: ./no/such/llm\n    config:\n", "model.llm.path: no such file or directory: ./no/such/llm"),
+        ("lr: {projector: 2.0e-3}", "lr: {projector: 2.0e-3, llm: 1.0e-4}", "stages.0: lr.llm is set but the stage freezes llm"),
+    ],
+    ids=["unknown-key", "wrong-type", "negative-lr", "trains-nothing", "missing-file", "lr-for-frozen"],
+)
+def test_each_bad_case_names_its_field(tiny_recipe_text, old, new, expected):
+    assert old in tiny_recipe_text
+    problems = problems_of(tiny_recipe_text.replace(old, new, 1))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_no_stages(tiny_recipe_text):
+    head = tiny_recipe_text.split("stages:")[0]
+    problems = problems_of(head + "stages: []\n")
+    assert any(p.startswith("stages: List should have at least 1 item") for p in problems), problems
+
+
+def test_every_problem_is_listed_at_once(tiny_recipe_text):
+    text = tiny_recipe_text.replace("seed: 0\n", "seed: zero\n", 1).replace("train: [projector]", "train: []")
+    problems = problems_of(text, overrides=["stages.1.steps=-5"])
+    assert {p.split(":")[0] for p in problems} >= {"seed", "stages.0.train", "stages.1.steps"}
+
+
+def test_missing_shards_are_reported_unless_synthesized(tiny_recipe_text):
+    without_synth = tiny_recipe_text.replace("synthesize:", "unused_synth:").replace("unused_synth:", "# synth:")
+    without_synth = without_synth.replace("  out: data/tiny-shapes\n  samples: 3000\n  seed: 0\n  image_size: 64\n", "")
+    problems = problems_of(without_synth.replace("data/tiny-shapes", "/nonexistent/shapes"))
+    assert any(p.startswith("stages.0.data.0.shards: no shard matches") for p in problems), problems
+
+
+def test_overrides_reach_any_field(tiny_recipe_text):
+    recipe = parse_recipe(tiny_recipe_text, overrides=["stages.1.save_every=10", "model.llm.config.num_hidden_layers=3",
+                                                       "stages.0.precision=bf16"])
+    assert recipe.stages[1].save_every == 10
+    assert recipe.model.llm.config["num_hidden_layers"] == 3
+    assert recipe.stages[0].precision == "bf16"
+    problems = problems_of(tiny_recipe_text, overrides=["stages.7.steps=1", "nonsense"])
+    assert problems[0].startswith("--set stages.7.steps: stages.7 is not an index")
+    assert problems[1].startswith("--set 'nonsense': expected dotted.path=value")
+
+
+def test_trust_remote_code_needs_a_pinned_revision(tiny_recipe_text):
+    text = tiny_recipe_text.replace("  llm:\n    config:\n", "  llm:\n    trust_remote_code: true\n    config:\n", 1)
+    problems = problems_of(text)
+    assert any(p.startswith("model.llm: trust_remote_code needs `revision` pinned") for p in problems), problems
+
+
+def test_resolved_recipe_round_trips(tiny_recipe_text):
+    recipe = parse_recipe(tiny_recipe_text, overrides=["stages.0.steps=7"])
+    assert parse_recipe(dump_recipe(recipe)) == recipe
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_recipe_check_json_counts_parameters_per_stage():
+    result = kakehashi("recipe", "check", TINY_RECIPE, "--json", "--set", "stages.1.save_every=10")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    vision, llm_hidden = 64, 128
+    # mlp2x_gelu by hand: Linear(64 -> 128) + Linear(128 -> 128), with biases
+    assert report["params"]["projector"] == vision * llm_hidden + llm_hidden + llm_hidden * llm_hidden + llm_hidden
+    assert report["params"]["vision_encoder"] > 0 and report["params"]["llm"] > report["params"]["projector"]
+    align, instruct = report["stages"]
+    assert align["name"] == "align" and align["trainable"] == {"vision_encoder": 0, "projector": report["params"]["projector"], "llm": 0}
+    assert instruct["trainable"]["llm"] == report["params"]["llm"] and instruct["trainable"]["vision_encoder"] == 0
+
+
+def test_recipe_check_text_report():
+    result = kakehashi("recipe", "check", TINY_RECIPE)
+    assert result.returncode == 0, result.stderr
+    assert "recipe tiny-asagi-2stage: OK" in result.stdout and "stage 2 instruct" in result.stdout
+
+
+def test_bad_recipe_exits_2_listing_every_problem_without_traceback(tmp_path, tiny_recipe_text):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_recipe_text.replace("train: [projector]", "train: []").replace("seed: 0", "seed: x", 1))
+    for command in (("recipe", "check", bad), ("train", bad, "--output", tmp_path / "run")):
+        result = kakehashi(*command, "--set", "stages.0.lr.projector=-1")
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines[0] == f"kakehashi: error: {bad}: 3 problem(s)"
+        assert {line.split(":")[0].strip() for line in lines[1:]} == {"seed", "stages.0.train", "stages.0.lr.projector"}
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_recipe_file_is_one_line():
+    result = kakehashi("recipe", "check", REPO / "no-such-recipe.yaml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot read recipe" in result.stderr

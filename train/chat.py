@@ -1,0 +1,23 @@
+"""Answer one prompt about one image from an export, with plain transformers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_export(model_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    model.eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+@torch.no_grad()
+def answer(model, processor, image, prompt: str, max_new_tokens: int = 32) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=text, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -1,0 +1,177 @@
+"""`kakehashi` command line: train, recipe check, data, export, chat.
+
+Bad input exits 2 with a one-line error (a recipe lists every problem, one per line); bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from train.recipe import COMPONENTS, RecipeError, UsageError, load_recipe
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors: one line, exit 2
+        self.exit(2, f"kakehashi: error: {message}\n")
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a recipe field, e.g. --set stages.1.save_every=10 (repeatable)")
+
+
+def cmd_train(args) -> int:
+    from train.run import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run(recipe, Path(args.output), force=args.force, export=not args.no_export)
+    return 0
+
+
+def recipe_report(recipe) -> dict:
+    """Parameter counts per component, and per stage what trains, from a model built on the meta device."""
+    import tempfile
+
+    import torch
+
+    from train.model import build_model, llava_config, load_tokenizer, parameter_counts
+
+    spec = recipe.model
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            tokenizer = load_tokenizer(spec, os.environ.get("KAKEHASHI_CACHE", cache))
+            vocab, image_id = len(tokenizer), tokenizer.convert_tokens_to_ids(spec.image_token)
+        except OSError:  # a hub tokenizer not on this machine: the LLM config's vocabulary (+ the image token)
+            vocab, image_id = 0, -1
+        config = llava_config(spec, vocab, image_id)
+        if image_id < 0:
+            config.text_config.vocab_size += 1
+            config.image_token_index = config.text_config.vocab_size - 1
+    with torch.device("meta"):
+        model = build_model(spec, config, load_weights=False)
+    params = parameter_counts(model)
+    stages = [
+        {
+            "name": stage.name,
+            "trainable": {c: params[c] if stage.trains(c) else 0 for c in COMPONENTS},
+            "frozen": {c: 0 if stage.trains(c) else params[c] for c in COMPONENTS},
+            "zero_stage": stage.zero_stage,
+            "precision": stage.precision,
+            "steps": stage.steps,
+            "global_batch_size": stage.global_batch_size,
+            "micro_batch_size": stage.micro_batch_size,
+        }
+        for stage in recipe.stages
+    ]
+    return {"recipe": recipe.name, "params": params, "stages": stages}
+
+
+def cmd_recipe_check(args) -> int:
+    from train.stages import format_freeze_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = recipe_report(recipe)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    params = report["params"]
+    print(f"recipe {recipe.name}: OK ({len(recipe.stages)} stages, template {recipe.template})")
+    print("parameters: " + ", ".join(f"{c} {params[c]:,}" for c in COMPONENTS) + f", total {sum(params.values()):,}")
+    for i, stage in enumerate(report["stages"]):
+        print(f"stage {i + 1} {stage['name']}: ZeRO-{stage['zero_stage']}, {stage['precision']}, {stage['steps']} steps, "
+              f"global batch {stage['global_batch_size']} (micro {stage['micro_batch_size']})")
+        print(format_freeze_table({c: {"trainable": stage["trainable"][c], "frozen": stage["frozen"][c]} for c in COMPONENTS}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from train.export import export_stage, find_stage
+
+    run_dir = Path(args.run_dir)
+    out = export_stage(run_dir, find_stage(run_dir, args.stage), Path(args.out), force=args.force)
+    print(f"exported {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from PIL import Image
+
+    from train.chat import answer, load_export
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model} is not an exported model (no config.json)")
+    image = Image.open(args.image).convert("RGB")
+    model, processor = load_export(args.model)
+    print(answer(model, processor, image, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="kakehashi", description="Train Japanese vision-language models in recipe-driven stages.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    train = commands.add_parser("train", help="run every stage of a recipe, then export")
+    _add_recipe_args(train)
+    train.add_argument("--output", required=True, help="run directory (stages already complete there are skipped)")
+    train.add_argument("--force", action="store_true", help="use an output directory that holds other files")
+    train.add_argument("--no-export", action="store_true", help="skip the export after the last stage")
+    train.set_defaults(func=cmd_train)
+
+    recipe = commands.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True,
+                                                                               parser_class=ArgumentParser)
+    check = recipe.add_parser("check", help="validate a recipe offline and count parameters per stage")
+    _add_recipe_args(check)
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=cmd_recipe_check)
+
+    from data_pipelines.commands import register
+
+    register(commands)
+
+    export = commands.add_parser("export", help="export a finished stage as an HF LlavaForConditionalGeneration")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    export.add_argument("--stage", help="stage name or number (default: the last finished stage)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=cmd_export)
+
+    chat = commands.add_parser("chat", help="answer a prompt about an image from an export")
+    chat.add_argument("model")
+    chat.add_argument("--image", required=True)
+    chat.add_argument("--prompt", required=True)
+    chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def _configure_logging() -> None:
+    quiet = os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"kakehashi: error: {err.source}: {len(err.problems)} problem(s)", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        print(f"kakehashi: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The recipe: one YAML file, parsed into a typed, self-validating config.
+
+The recipe is the single source of truth for a run. Unknown keys are rejected everywhere, every problem is
+collected before anything runs, and each problem names its field path (and YAML line where known).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+COMPONENTS = ("vision_encoder", "projector", "llm")
+Component = Literal["vision_encoder", "projector", "llm"]
+
+VISION_KINDS = ("siglip", "clip")        # transformers' SigLIP / CLIP vision towers
+PROJECTOR_KINDS = ("mlp2x_gelu",)        # LLaVA's Linear-GELU-Linear (exported as LlavaMultiModalProjector)
+TEMPLATES = ("asagi", "sarashina", "plain", "chat")
+PRECISIONS = ("fp32", "bf16")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REVISION = re.compile(r"^[0-9a-f]{40}$")
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run. `problems` lists every problem as 'field.path: message'."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class UsageError(Exception):
+    """A problem with how a command was called or where it points (exit 2, one line)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+def _files_checked(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("check_files"))
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or os.path.exists(value) or not _HUB_ID.match(value)
+
+
+class ComponentSource(Strict):
+    """Where a component's architecture and weights come from.
+
+    `path` (local directory or hub id) gives weights; `config` (inline mapping or a JSON/YAML file) gives the
+    architecture. With only `config` the component is randomly initialised (tiny models, benchmarks); with both,
+    `config` lets `recipe check` run offline and must agree with the weights.
+    """
+
+    path: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    config: dict[str, Any] | str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _files_checked(info) and _is_local_path(value):
+            if not Path(value).expanduser().exists():
+                raise ValueError(f"no such file or directory: {value}")
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config_file_exists(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _files_checked(info) and not Path(value).expanduser().is_file():
+            raise ValueError(f"no such config file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _source_and_safety(self) -> ComponentSource:
+        if self.path is None and self.config is None:
+            raise ValueError("give `path` (weights) or `config` (architecture), or both")
+        if self.trust_remote_code and not (self.revision and _REVISION.match(self.revision)):
+            raise ValueError("trust_remote_code needs `revision` pinned to a 40-hex commit, so the code you run is the code you read")
+        return self
+
+
+class VisionEncoder(ComponentSource):
+    kind: Literal["siglip", "clip"] = "siglip"
+    feature_layer: int = -1                            # hidden state fed to the projector (-2 as LLaVA-1.5)
+    select_strategy: Literal["full", "default"] = "full"  # default drops the CLS token (CLIP)
+
+
+class Projector(Strict):
+    kind: Literal["mlp2x_gelu"] = "mlp2x_gelu"
+
+
+class ModelSpec(Strict):
+    vision_encoder: VisionEncoder
+    projector: Projector = Projector()
+    llm: ComponentSource
+    tokenizer: str = Field(description="'builtin:tiny-ja', a local directory, or a hub id")
+    image_token: str = "<image>"
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("builtin:"):
+            if value != "builtin:tiny-ja":
+                raise ValueError(f"unknown builtin tokenizer {value!r}; valid: builtin:tiny-ja")
+        elif _files_checked(info) and _is_local_path(value) and not Path(value).expanduser().exists():
+            raise ValueError(f"no such file or directory: {value}")
+        return value
+
+
+class DataSource(Strict):
+    shards: str | list[str]                            # brace patterns / globs, e.g. data/cap-{000000..000009}.tar
+    weight: float = Field(1.0, gt=0)
+    task: Literal["caption", "vqa"]
+    name: str | None = None
+
+    @property
+    def patterns(self) -> list[str]:
+        return [self.shards] if isinstance(self.shards, str) else list(self.shards)
+
+    @field_validator("shards")
+    @classmethod
+    def _shards_exist(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if not _files_checked(info):
+            return value
+        from data_pipelines.shards import expand_shard_patterns
+
+        synth_out = info.context.get("synth_out")
+        for pattern in [value] if isinstance(value, str) else value:
+            remote = "://" in pattern or pattern.startswith("pipe:")
+            will_be_synthesised = synth_out is not None and Path(pattern).parent == Path(synth_out)
+            if remote or will_be_synthesised:
+                continue
+            try:
+                expand_shard_patterns([pattern])
+            except FileNotFoundError:
+                raise ValueError(f"no shard matches {pattern!r}") from None
+        return value
+
+
+class LearningRates(Strict):
+    vision_encoder: float | None = Field(None, gt=0)
+    projector: float | None = Field(None, gt=0)
+    llm: float | None = Field(None, gt=0)
+
+
+class Stage(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    train: list[Component]                             # trained components; the others are frozen
+    lr: LearningRates
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)      # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    steps: int = Field(gt=0)                           # optimizer steps
+    global_batch_size: int = Field(gt=0)               # samples per optimizer step, all ranks
+    micro_batch_size: int = Field(gt=0)                # samples per forward on one rank
+    max_length: int = Field(gt=0)                      # tokens, image tokens included
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(1.0, gt=0)
+    save_every: int = Field(0, ge=0)                   # steps between DeepSpeed checkpoints; 0 = stage end only
+    log_every: int = Field(1, gt=0)
+    data: list[DataSource] = Field(min_length=1)
+
+    @field_validator("train")
+    @classmethod
+    def _trains_something(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("stage trains nothing: list at least one of vision_encoder, projector, llm")
+        if len(set(value)) != len(value):
+            raise ValueError("a component is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Stage:
+        problems = []
+        for component in COMPONENTS:
+            lr = getattr(self.lr, component)
+            if component in self.train and lr is None:
+                problems.append(f"lr.{component} is missing but the stage trains {component}")
+            if component not in self.train and lr is not None:
+                problems.append(f"lr.{component} is set but the stage freezes {component}")
+        if self.global_batch_size % self.micro_batch_size:
+            problems.append(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def trains(self, component: str) -> bool:
+        return component in self.train
+
+
+class Synthesize(Strict):
+    """Generate the embedded synthetic shapes set into `out` when its shards are missing."""
+
+    out: str
+    samples: int = Field(2000, gt=0)
+    seed: int = 0
+    image_size: int = Field(64, gt=0)
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    model: ModelSpec
+    template: Literal["asagi", "sarashina", "plain", "chat"]
+    synthesize: Synthesize | None = None
+    wandb: dict[str, Any] | None = None                # {project, entity, ...}: logging on when set
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Recipe:
+        names = [stage.name for stage in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Apply `dotted.path=value` overrides in place (values parsed as YAML). Returns the problems found."""
+    problems = []
+    for override in overrides:
+        path, sep, raw = override.partition("=")
+        if not sep or not path:
+            problems.append(f"--set {override!r}: expected dotted.path=value")
+            continue
+        value = yaml.safe_load(raw) if raw else ""
+        keys = path.split(".")
+        node: Any = data
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    problems.append(f"--set {path}: {where} is not an index of a list of {len(node)}")
+                    break
+                key = int(key)
+            elif not isinstance(node, dict):
+                problems.append(f"--set {path}: {'.'.join(keys[:depth])} is not a mapping or list")
+                break
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}
+                node = node[key]
+    return problems
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each field path (tuple of keys / indices) to its 1-based line in the YAML text."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = path + (key.value,)
+                walk(value, child)
+                lines[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(error: dict, lines: dict[tuple, int]) -> tuple[str, str, int | None]:
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith(("function-", "literal["))))
+    # pydantic adds the union member name for `str | list[str]` fields; it is not part of the user's path
+    loc = tuple(p for p in loc if p not in ("str", "list[str]", "dict[str,any]", "Synthesize"))
+    field = ".".join(str(p) for p in loc) or "(recipe)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    return field, message, line
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Parse and validate recipe text. Raises RecipeError listing every problem."""
+    try:
+        data = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(source, [f"YAML syntax error at {where}{getattr(err, 'problem', None) or err}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(source, ["(recipe): the recipe must be a YAML mapping"])
+    problems = apply_overrides(data, list(overrides))
+    synth = data.get("synthesize")
+    context = {"check_files": check_files, "synth_out": synth.get("out") if isinstance(synth, dict) else None}
+    try:
+        recipe = Recipe.model_validate(data, context=context)
+    except ValidationError as err:
+        described: dict[tuple[str, int | None], list[str]] = {}
+        for error in err.errors():  # a union field fails once per member: report it once
+            field, message, line = _describe(error, lines)
+            described.setdefault((field, line), []).append(message)
+        for (field, line), messages in described.items():
+            problems.append(f"{field}: {' or '.join(dict.fromkeys(messages))}" + (f" (line {line})" if line else ""))
+        raise RecipeError(source, problems) from None
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(str(path), [f"cannot read recipe: {err.strerror}"]) from None
+    return parse_recipe(text, str(path), overrides, check_files)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (overrides applied) as YAML, stored beside every run."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,208 @@
+"""Run every stage of a recipe in order into one output directory, then export.
+
+OUTPUT/
+  recipe.yaml                 the resolved recipe (overrides applied); a different recipe is refused
+  processor/                  tokenizer (with the image token, chat template) + image processor, as LlavaProcessor
+  metrics.jsonl               one JSON object per logged step
+  checkpoints/NN-name/        DeepSpeed checkpoints every `save_every` steps
+  stages/NN-name/             consolidated weights (model.safetensors), config.json, summary.json; written to a
+                              temporary directory and renamed, so a stage directory is complete or absent
+  export/                     LlavaForConditionalGeneration + AutoProcessor, loadable by plain transformers
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from train import distributed
+from train.recipe import Recipe, RecipeError, Stage, UsageError, dump_recipe
+
+log = logging.getLogger(__name__)
+
+
+def stage_dir(output: Path, index: int, stage: Stage) -> Path:
+    return output / "stages" / f"{index + 1:02d}-{stage.name}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "summary.json").is_file()
+
+
+def prepare_output(output: Path, recipe: Recipe, force: bool) -> None:
+    """Refuse to mix runs: an output directory holds one recipe's run, or is new."""
+    text = dump_recipe(recipe)
+    stored = output / "recipe.yaml"
+    if stored.is_file():
+        if stored.read_text(encoding="utf-8") != text and not force:
+            raise UsageError(f"{output} holds a run of a different recipe (see its recipe.yaml); use a new --output or --force")
+    elif output.exists() and any(output.iterdir()) and not force:
+        raise UsageError(f"{output} is not empty and holds no kakehashi run; use a new --output or --force")
+    output.mkdir(parents=True, exist_ok=True)
+    stored.write_text(text, encoding="utf-8")
+
+
+def synthesize_missing_data(recipe: Recipe) -> None:
+    if recipe.synthesize is None:
+        return
+    out = Path(recipe.synthesize.out)
+    if (out / "index.json").is_file():
+        return
+    from data_pipelines.synth import synthesize
+
+    spec = recipe.synthesize
+    print(f"synthesizing {spec.samples} caption + {spec.samples} VQA samples into {out}", flush=True)
+    synthesize(out, samples=spec.samples, seed=spec.seed, image_size=spec.image_size)
+
+
+def build_processor(recipe: Recipe, output: Path):
+    """Tokenizer + image processor as one LlavaProcessor, saved in the run so export ships exactly what trained."""
+    from transformers import LlavaProcessor
+
+    from data_pipelines.templates import jinja_chat_template
+    from train.model import build_image_processor, extra_vision_tokens, load_tokenizer, vision_config
+
+    spec = recipe.model
+    tokenizer = load_tokenizer(spec, output / "cache")
+    if recipe.template != "chat":
+        tokenizer.chat_template = jinja_chat_template(recipe.template)
+    vision = vision_config(spec.vision_encoder)
+    return LlavaProcessor(
+        image_processor=build_image_processor(spec.vision_encoder, vision),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=spec.vision_encoder.select_strategy,
+        chat_template=tokenizer.chat_template,
+        image_token=spec.image_token,
+        num_additional_image_tokens=extra_vision_tokens(spec.vision_encoder),
+    )
+
+
+def atomic_write_dir(final: Path, write) -> None:
+    """Write a directory through `write(tmp)` into a temporary sibling, then rename it into place."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        raise UsageError(f"{final} appeared while writing it; refusing to overwrite")
+    tmp.rename(final)
+
+
+def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: int):
+    from data_pipelines.loader import MixtureLoader, SourceSpec
+    from train.model import tokens_per_image, vision_config
+
+    stage = recipe.stages[index]
+    sources = [
+        SourceSpec(shards=source.patterns, weight=source.weight, task=source.task, name=source.name or f"source{i}")
+        for i, source in enumerate(stage.data)
+    ]
+    image_processor = processor.image_processor
+    return MixtureLoader(
+        sources,
+        tokenizer=processor.tokenizer,
+        image_transform=lambda images: image_processor(images=images, return_tensors="pt")["pixel_values"],
+        template=recipe.template,
+        tokens_per_image=tokens_per_image(recipe.model.vision_encoder, vision_config(recipe.model.vision_encoder)),
+        max_length=stage.max_length,
+        micro_batch_size=stage.micro_batch_size,
+        seed=recipe.seed + index,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True) -> list[dict]:
+    """Train every stage not yet complete in `output`, then export. Returns the stage summaries."""
+    from transformers import LlavaConfig, LlavaProcessor
+
+    from train.engine import MetricsLog, consolidated_state_dict, summary_dict, train_stage
+    from train.model import build_model, llava_config
+
+    rank, world_size = distributed.init_distributed()
+    try:
+        if rank == 0:
+            prepare_output(output, recipe, force)
+            synthesize_missing_data(recipe)
+            if not (output / "processor").is_dir():
+                atomic_write_dir(output / "processor", build_processor(recipe, output).save_pretrained)
+        distributed.barrier()
+        processor = LlavaProcessor.from_pretrained(output / "processor")
+        tokenizer = processor.tokenizer
+        config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(recipe.model.image_token))
+        metrics = MetricsLog(output / "metrics.jsonl", wandb_run=_wandb_run(recipe, output)) if rank == 0 else None
+
+        summaries, previous = [], None
+        for index, stage in enumerate(recipe.stages):
+            done = stage_dir(output, index, stage)
+            if is_complete(done):
+                summaries.append(json.loads((done / "summary.json").read_text()))
+                if rank == 0:
+                    print(f"stage {index + 1}/{len(recipe.stages)} {stage.name}: already complete in {done}, skipped")
+                previous = done
+                continue
+            torch.manual_seed(recipe.seed)  # random-init components are identical on every rank
+            llava = build_model(recipe.model, config, load_weights=previous is None)
+            if previous is not None:  # a stage starts from the previous stage's final weights
+                llava.load_state_dict(load_file(previous / "model.safetensors"))
+            batches = stage_batches(recipe, index, processor, rank, world_size)
+            engine, summary = train_stage(
+                llava, stage, iter(batches), metrics, rank=rank, world_size=world_size,
+                checkpoint_dir=output / "checkpoints" / done.name,
+                bad_sample_count=lambda: sum(batches.stats["bad"].values()),
+            )
+            state = consolidated_state_dict(engine, rank)
+            if rank == 0:
+                record = summary_dict(summary)
+
+                def write_stage(tmp: Path) -> None:
+                    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+                    config.save_pretrained(tmp)
+                    (tmp / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+
+                atomic_write_dir(done, write_stage)
+                print(format_summary(index, len(recipe.stages), record), flush=True)
+                summaries.append(record)
+            distributed.barrier()
+            del engine, llava, state
+            previous = done
+
+        if export and rank == 0 and not (output / "export").exists():
+            from train.export import export_stage
+
+            export_stage(output, previous, output / "export")
+            print(f"export: {output / 'export'} (LlavaForConditionalGeneration + AutoProcessor)", flush=True)
+        distributed.barrier()
+        return summaries
+    finally:
+        distributed.close()
+
+
+def format_summary(index: int, total: int, s: dict) -> str:
+    trained = ", ".join(c for c, n in s["trainable"].items() if n) or "nothing"
+    return (
+        f"stage {index + 1}/{total} {s['stage']}: {s['steps']} steps in {s['seconds']:.1f}s, "
+        f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, trained {trained} "
+        f"({sum(s['trainable'].values()):,} params), {s['samples']} samples, "
+        f"{s['tokens'] / max(s['seconds'], 1e-9):,.0f} tokens/s, {s['bad_samples']} bad samples skipped"
+    )
+
+
+def _wandb_run(recipe: Recipe, output: Path):
+    """wandb only when the recipe configures it; WANDB_MODE (offline, disabled) is respected by wandb itself."""
+    if not recipe.wandb:
+        return None
+    import wandb
+
+    return wandb.init(dir=str(output), group=recipe.name, name=recipe.name, config=recipe.model_dump(mode="json"),
+                      **recipe.wandb)
+
+
+__all__ = ["run", "RecipeError", "UsageError"]

@@ -1,0 +1,67 @@
+"""A stage's freeze plan, optimizer parameter groups and learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from train.model import component_parameters
+from train.recipe import COMPONENTS, Stage
+
+log = logging.getLogger(__name__)
+
+
+def apply_freeze_plan(model: nn.Module, stage: Stage) -> dict[str, dict[str, int]]:
+    """Train exactly the stage's components; freeze the rest. Logs and returns {component: {trainable, frozen}}."""
+    table = {}
+    for component, params in component_parameters(model).items():
+        trains = stage.trains(component)
+        for _, param in params:
+            param.requires_grad_(trains)
+        numel = sum(getattr(p, "ds_numel", p.numel()) for _, p in params)
+        table[component] = {"trainable": numel if trains else 0, "frozen": 0 if trains else numel}
+    log.info("stage %s freeze plan:\n%s", stage.name, format_freeze_table(table))
+    return table
+
+
+def format_freeze_table(table: dict[str, dict[str, int]]) -> str:
+    rows = [f"  {'component':<16}{'trainable':>16}{'frozen':>16}"]
+    rows += [f"  {c:<16}{table[c]['trainable']:>16,}{table[c]['frozen']:>16,}" for c in COMPONENTS]
+    return "\n".join(rows)
+
+
+def parameter_groups(model: nn.Module, stage: Stage) -> list[dict]:
+    """One AdamW group per trained component (its own lr), split so biases and norms get no weight decay."""
+    groups = []
+    for component, params in component_parameters(model).items():
+        if not stage.trains(component):
+            continue
+        lr = getattr(stage.lr, component)
+        decay = [p for _, p in params if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for _, p in params if p.ndim < 2 and p.requires_grad]
+        for suffix, members, weight_decay in (("", decay, stage.weight_decay), (".no_decay", no_decay, 0.0)):
+            if members:
+                groups.append({"name": component + suffix, "params": members, "lr": lr, "weight_decay": weight_decay})
+    return groups
+
+
+def warmup_cosine(stage: Stage):
+    """Multiplier on each group's lr: linear warmup from 0, then cosine decay to min_lr_ratio."""
+    warmup = math.ceil(stage.warmup_ratio * stage.steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, stage.steps - warmup)
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def build_optimizer(model: nn.Module, stage: Stage):
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
+    return optimizer, scheduler
