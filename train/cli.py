@@ -112,6 +112,22 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_shapes_eval(args) -> int:
+    from train.shapes_eval import shapes_accuracy
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model} is not an exported model (no config.json)")
+    report = shapes_accuracy(args.model, samples=args.samples, seed=args.seed)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(f"{args.model}: colour {report['colour_accuracy']:.0%}, shape {report['shape_accuracy']:.0%} "
+              f"on {report['samples']} fresh shapes (colour chance {report['chance_colour']:.0%})")
+        for example in report["examples"]:
+            print(f"  {example['truth']}: {example['colour_answer']} / {example['shape_answer']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="kakehashi", description="Train Japanese vision-language models in recipe-driven stages.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -147,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", required=True)
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(func=cmd_chat)
+
+    shapes = commands.add_parser("shapes-eval", help="score an export on freshly drawn synthetic shapes")
+    shapes.add_argument("model")
+    shapes.add_argument("--samples", type=int, default=100)
+    shapes.add_argument("--seed", type=int, default=12345, help="drawing seed (training data uses others)")
+    shapes.add_argument("--json", action="store_true")
+    shapes.set_defaults(func=cmd_shapes_eval)
     return parser
 
 

@@ -211,6 +211,14 @@ class LlavaForTraining(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
         # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None
+        logits = self.logits(input_ids, attention_mask, pixel_values)  # [B, T, V]
+        targets = labels[:, 1:]
+        loss_sum = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        return loss_sum, (targets != -100).sum()
+
+    def logits(self, input_ids, attention_mask, pixel_values=None):
         config = self.llava.config
         embeds = self.llava.get_input_embeddings()(input_ids)  # [B, T, D]
         dummy = pixel_values is None
@@ -231,9 +239,4 @@ class LlavaForTraining(nn.Module):
             image_mask = (input_ids == config.image_token_index).unsqueeze(-1)
             assert image_mask.sum() == features.shape[0], "image tokens in the text must match the encoder's output"
             embeds = embeds.masked_scatter(image_mask.expand_as(embeds), features)
-        logits = self.llava(inputs_embeds=embeds, attention_mask=attention_mask).logits  # [B, T, V]
-        targets = labels[:, 1:]
-        loss_sum = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-        )
-        return loss_sum, (targets != -100).sum()
+        return self.llava(inputs_embeds=embeds, attention_mask=attention_mask).logits

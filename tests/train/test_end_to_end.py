@@ -1,0 +1,107 @@
+"""The tiny recipe end to end through the real command, then its export through plain transformers only."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_RECIPE, kakehashi
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")  # the recipe's relative data path lands here
+    result = kakehashi("train", TINY_RECIPE, "--output", workdir / "run", cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, workdir / "run", result.stdout
+
+
+def test_every_stage_runs_and_reports(tiny_run):
+    _, run, stdout = tiny_run
+    assert "stage 1/2 align: 60 steps" in stdout and "stage 2/2 instruct: 240 steps" in stdout
+    summaries = [json.loads((run / "stages" / d / "summary.json").read_text()) for d in ("01-align", "02-instruct")]
+    assert summaries[0]["trainable"]["llm"] == 0 and summaries[1]["trainable"]["llm"] > 0
+    assert summaries[1]["final_loss"] < 0.5 * summaries[1]["first_loss"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records].count("instruct") == 240
+    assert {"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[-1])
+
+
+def test_export_answers_the_colour_question_with_plain_transformers(tiny_run):
+    from train.shapes_eval import shapes_accuracy
+
+    report = shapes_accuracy(tiny_run[1] / "export", samples=100, seed=2024)
+    assert report["colour_accuracy"] >= 0.9, report
+
+
+def test_export_logits_equal_the_training_model(tiny_run):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from data_pipelines.synth import draw_shape
+    from train.model import LlavaForTraining, build_model
+    from train.recipe import load_recipe
+
+    _, run, _ = tiny_run
+    exported = LlavaForConditionalGeneration.from_pretrained(run / "export").eval()
+    processor = AutoProcessor.from_pretrained(run / "export")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "この図形は何色ですか？"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("### 指示:\n<image>\nこの図形は何色ですか？\n\n### 応答:\n")
+    import random
+
+    image = draw_shape(random.Random(7), "円", "赤")
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    trained = build_model(recipe.model, exported.config, load_weights=False)
+    trained.load_state_dict(load_file(run / "stages" / "02-instruct" / "model.safetensors"))
+    with torch.no_grad():
+        expected = LlavaForTraining(trained).eval().logits(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+        actual = exported(**inputs).logits
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, atol=1e-5, rtol=0), (actual - expected).abs().max()
+
+
+def test_rerun_skips_finished_stages_and_keeps_the_export(tiny_run):
+    workdir, run, _ = tiny_run
+    weights = (run / "export" / "model.safetensors").read_bytes()
+    result = kakehashi("train", TINY_RECIPE, "--output", run, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stage 1/2 align: already complete" in result.stdout and "stage 2/2 instruct: already complete" in result.stdout
+    assert (run / "export" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_different_recipe_is_refused_in_the_same_output(tiny_run):
+    workdir, run, _ = tiny_run
+    result = kakehashi("train", TINY_RECIPE, "--output", run, "--set", "stages.1.steps=5", cwd=workdir)
+    assert result.returncode == 2 and "holds a run of a different recipe" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_command_for_any_finished_stage(tiny_run):
+    workdir, run, _ = tiny_run
+    out = workdir / "align-export"
+    result = kakehashi("export", run, "--out", out, "--stage", "align")
+    assert result.returncode == 0, result.stderr
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    stage_one = load_file(run / "stages" / "01-align" / "model.safetensors")
+    name = "model.multi_modal_projector.linear_1.weight"
+    assert torch.equal(model.state_dict()[name], stage_one[name])
+    again = kakehashi("export", run, "--out", out)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_chat_command(tiny_run, tmp_path):
+    import random
+
+    from data_pipelines.synth import draw_shape
+
+    image_path = tmp_path / "blue.png"
+    draw_shape(random.Random(3), "四角形", "青").save(image_path)
+    result = kakehashi("chat", tiny_run[1] / "export", "--image", image_path, "--prompt", "この図形は何色ですか？")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("青色")
