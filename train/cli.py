@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from train.recipe import COMPONENTS, RecipeError, UsageError, load_recipe
+from train.recipe import COMPONENTS, IMAGE_TOKEN, RecipeError, UsageError, load_recipe
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -46,7 +46,7 @@ def recipe_report(recipe) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         try:
             tokenizer = load_tokenizer(spec, os.environ.get("KAKEHASHI_CACHE", cache))
-            vocab, image_id = len(tokenizer), tokenizer.convert_tokens_to_ids(spec.image_token)
+            vocab, image_id = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         except OSError:  # a hub tokenizer not on this machine: the LLM config's vocabulary (+ the image token)
             vocab, image_id = 0, -1
         config = llava_config(spec, vocab, image_id)

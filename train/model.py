@@ -28,7 +28,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from train.recipe import ComponentSource, ModelSpec, RecipeError, VisionEncoder
+from train.recipe import IMAGE_TOKEN, ComponentSource, ModelSpec, RecipeError, VisionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def load_tokenizer(spec: ModelSpec, cache_dir: str | Path):
         tokenizer = load_or_build_tiny_tokenizer(Path(cache_dir) / "tiny-ja")
     else:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code)
-    if spec.image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [spec.image_token]})
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # right padding is masked out of the loss anyway
     return tokenizer

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 COMPONENTS = ("vision_encoder", "projector", "llm")
+IMAGE_TOKEN = "<image>"  # the placeholder in shard text, and the token added to the tokenizer for it
 Component = Literal["vision_encoder", "projector", "llm"]
 
 VISION_KINDS = ("siglip", "clip")        # transformers' SigLIP / CLIP vision towers
@@ -103,7 +104,6 @@ class ModelSpec(Strict):
     projector: Projector = Projector()
     llm: ComponentSource
     tokenizer: str = Field(description="'builtin:tiny-ja', a local directory, or a hub id")
-    image_token: str = "<image>"
 
     @field_validator("tokenizer")
     @classmethod

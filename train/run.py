@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train import distributed
-from train.recipe import Recipe, RecipeError, Stage, UsageError, dump_recipe
+from train.recipe import IMAGE_TOKEN, Recipe, RecipeError, Stage, UsageError, dump_recipe
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def build_processor(recipe: Recipe, output: Path):
         patch_size=vision.patch_size,
         vision_feature_select_strategy=spec.vision_encoder.select_strategy,
         chat_template=tokenizer.chat_template,
-        image_token=spec.image_token,
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=extra_vision_tokens(spec.vision_encoder),
     )
 
@@ -136,7 +136,7 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True) 
         distributed.barrier()
         processor = LlavaProcessor.from_pretrained(output / "processor")
         tokenizer = processor.tokenizer
-        config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(recipe.model.image_token))
+        config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         metrics = MetricsLog(output / "metrics.jsonl", wandb_run=_wandb_run(recipe, output)) if rank == 0 else None
 
         summaries, previous = [], None

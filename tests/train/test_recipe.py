@@ -28,7 +28,7 @@ def test_yaml_syntax_error_names_the_line(tiny_recipe_text):
 @pytest.mark.parametrize(
     "old, new, expected",
     [
-        ("seed: 0\n", "seed: 0\nlearning_rate: 1\n", "learning_rate: unknown key (line 5)"),
+        ("seed: 0\n", "seed: 0\nlearning_rate: 1\n", "learning_rate: unknown key (line 6)"),
         ("    steps: 60\n", "    steps: sixty\n", "stages.0.steps: Input should be a valid integer"),
         ("lr: {projector: 2.0e-3}", "lr: {projector: -2.0e-3}", "stages.0.lr.projector: Input should be greater than 0"),
         ("train: [projector]\n", "train: []\n", "stages.0.train: stage trains nothing"),

@@ -1,0 +1,39 @@
+"""Examples -> one right-padded micro-batch of tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipelines.example import Example
+from data_pipelines.tokenize import IGNORE_INDEX
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict:
+    """Right-pad to the longest example. Images of all examples are concatenated in example order.
+
+    Returns input_ids, attention_mask, labels: [B, T] long; pixel_values: [N_images, 3, H, W] float or None;
+    num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
+    keys, sources: per row, the sample key and source name (for logging; not model inputs).
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)  # [B, T]
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+    images = [example.pixel_values for example in examples if example.pixel_values is not None]
+    pixel_values = torch.cat(images).float() if images else None  # [N_images, 3, H, W]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "keys": [example.key for example in examples],
+        "sources": [example.source for example in examples],
+    }

@@ -1,0 +1,16 @@
+"""One training example, tokenized and with its images turned into pixel tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Example:
+    key: str
+    source: str  # SourceSpec.name it came from
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None  # [n_images, 3, H, W], None for a text-only example

@@ -1,0 +1,75 @@
+"""Checks a raw shard sample and renders it: the part of loading shared by the loader and `data preview`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from data_pipelines.images import decode_image
+from data_pipelines.shards import RawSample
+from data_pipelines.templates import IMAGE_PLACEHOLDER, Segment, render
+
+TASK_FIELDS = {"caption": "caption", "vqa": "conversations"}  # task kind -> the JSON field its samples carry
+
+
+class BadSample(Exception):
+    """A sample to skip. `reason` is a short snake_case key for the stats; the message gives details."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason.replace("_", " "))
+        self.reason = reason
+
+    def describe(self) -> str:
+        """"reason: detail", or just the reason when there is no detail."""
+        detail = str(self)
+        return self.reason if detail == self.reason.replace("_", " ") else f"{self.reason}: {detail}"
+
+
+@dataclass
+class PreparedSample:
+    key: str
+    shard: str
+    segments: list[Segment]
+    images: list[Image.Image]  # decoded RGB, in placeholder order
+
+
+def sample_task(meta: dict) -> str | None:
+    for task, field in TASK_FIELDS.items():
+        if field in meta:
+            return task
+    return None
+
+
+def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token: str, tokenizer=None,
+                   decode_images: bool = True) -> PreparedSample:
+    """Render `raw` with `template`, check its images match its placeholders, decode them. Raises BadSample.
+
+    `task` (caption | vqa) is what the source promises; None accepts either (as `data preview` does).
+    """
+    if raw.error is not None:
+        raise BadSample(raw.error.replace(" ", "_"))
+    kind = sample_task(raw.meta)
+    if task is not None and kind != task:
+        raise BadSample("task_mismatch", f"a {task} source sample needs a {TASK_FIELDS[task]!r} field")
+    if kind is None:
+        raise BadSample("malformed_sample", "sample has neither 'caption' nor 'conversations'")
+    if kind == "caption" and not raw.images:
+        raise BadSample("image_count_mismatch", "caption sample without an image")
+    try:
+        segments = render(raw.meta, template, eos_token, tokenizer, num_images=len(raw.images))
+    except ValueError as err:
+        raise BadSample("malformed_conversation", str(err)) from None
+    placeholders = sum(segment.text.count(IMAGE_PLACEHOLDER) for segment in segments)
+    if placeholders != len(raw.images):
+        raise BadSample("image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} for {len(raw.images)} image(s)")
+    if any(IMAGE_PLACEHOLDER in segment.text for segment in segments if segment.is_target):
+        raise BadSample("image_count_mismatch", f"{IMAGE_PLACEHOLDER} inside an answer")
+    images = []
+    if decode_images:
+        for index, data in enumerate(raw.images):
+            try:
+                images.append(decode_image(data))
+            except ValueError as err:
+                raise BadSample("undecodable_image", f"image {index}: {err}") from None
+    return PreparedSample(key=raw.key, shard=raw.shard, segments=segments, images=images)

@@ -1,0 +1,82 @@
+"""A tiny Japanese BPE tokenizer, trained offline in well under a second on the templates and the synthetic texts.
+
+Byte-level BPE: any text encodes (no unknown characters) and decodes back exactly. Frequent fixed phrases (the
+Asagi preamble, the questions) become single tokens, so the tiny model's sequences stay short.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from data_pipelines.synth import COLOURS, SHAPES, synth_texts
+from data_pipelines.templates import IMAGE_PLACEHOLDER, TEMPLATES, TurnFormat, generation_prompt
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER]  # ids 0..4, in this order
+VOCAB_SIZE = 512
+JAPANESE_PUNCTUATION = "、。，．・：；？！「」『』（）［］【】〜ー…　"
+FIXED_TEXT_REPEATS = 50  # weight of the template texts against the synthetic ones, so their merges are learned
+
+
+def training_corpus() -> list[str]:
+    """The texts the BPE merges are learned from, cut where `tokenize.encode` cuts (at images and special tokens)."""
+    texts = synth_texts()
+    prompts: list[str] = []
+    for name, fmt in TEMPLATES.items():
+        if not isinstance(fmt, TurnFormat):
+            continue
+        for text in texts:
+            prompts.append(generation_prompt(text, name))
+            prompts.append(fmt.user_prefix + text + fmt.assistant_prefix)
+        prompts.append(fmt.turn_suffix)
+    pieces = [piece for text in prompts + texts for piece in text.split(IMAGE_PLACEHOLDER)] * FIXED_TEXT_REPEATS
+    pieces += [chr(code) for code in range(0x20, 0x7F)] + list(JAPANESE_PUNCTUATION)
+    return [piece for piece in pieces if piece]
+
+
+def build_tiny_tokenizer(save_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Train the tokenizer, save it with `save_pretrained(save_dir)` and return it. Deterministic."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Colour and shape words stand alone, so answers are colour/shape tokens the model must pick from the image
+    # rather than one token per whole sentence. ByteLevel without its regex only maps bytes to printable
+    # characters, so nothing is lost and decoding is exact.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("|".join([*COLOURS, *SHAPES])), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(training_corpus(), trainer=trainer)
+    # BOS on plain `tokenizer(text)` calls (as at inference through a processor), matching tokenize.encode,
+    # which adds it itself and tokenizes with add_special_tokens=False
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=[IMAGE_PLACEHOLDER], clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def load_or_build_tiny_tokenizer(cache_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in `cache_dir`, building it there first if missing (atomically, for parallel callers)."""
+    cache = Path(cache_dir)
+    if not (cache / "tokenizer.json").is_file():
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_tokenizer(tmp)
+        try:
+            if cache.is_dir() and not any(cache.iterdir()):
+                cache.rmdir()
+            tmp.rename(cache)
+        except OSError:  # another process finished first, or other files are in the way: keep them
+            if not (cache / "tokenizer.json").is_file():
+                shutil.copytree(tmp, cache, dirs_exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(cache))

@@ -1,0 +1,56 @@
+"""Rendered segments -> token ids and loss labels, with each `<image>` expanded to the vision encoder's token count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (torch's CrossEntropyLoss default)
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]  # the token id where it is a training target, else IGNORE_INDEX
+    num_images: int
+
+
+def image_token_id(tokenizer, image_token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and image_token != tokenizer.unk_token):
+        raise ValueError(f"tokenizer has no {image_token!r} token; add it as a special token")
+    return token_id
+
+
+def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_image: int,
+           max_length: int) -> EncodedSample | None:
+    """Token ids and labels for `segments` (from templates.render), or None when the sample cannot fit.
+
+    Each segment is tokenized on its own (without added special tokens) so the target boundary is exact; text
+    such as "</s>" inside a segment becomes its special token id. BOS, when the tokenizer has one, is prepended.
+    Longer than `max_length`: cut from the end, unless that cuts through an image's tokens or leaves no target.
+    """
+    image_id = image_token_id(tokenizer, image_token)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    image_starts: list[int] = []
+    if tokenizer.bos_token_id is not None:
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, is_target in segments:
+        for i, piece in enumerate(text.split(image_token)):
+            if i > 0:  # an image placeholder stood before this piece
+                image_starts.append(len(input_ids))
+                input_ids += [image_id] * tokens_per_image
+                labels += [IGNORE_INDEX] * tokens_per_image
+            if piece:
+                ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                input_ids += ids
+                labels += ids if is_target else [IGNORE_INDEX] * len(ids)
+    if len(input_ids) > max_length:
+        if any(start < max_length < start + tokens_per_image for start in image_starts):
+            return None
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        image_starts = [start for start in image_starts if start < max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted (causal shift)
+        return None
+    return EncodedSample(input_ids=input_ids, labels=labels, num_images=len(image_starts))

@@ -1,0 +1,84 @@
+import argparse
+import json
+
+import pytest
+
+from data_pipelines.commands import register
+from data_pipelines.shards import ShardWriter
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KAKEHASHI_CACHE", str(tmp_path_factory.getbasetemp() / "kakehashi-cache"))
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kakehashi")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def exit_code_and_error(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    err = capsys.readouterr().err
+    return exit_info.value.code, err
+
+
+def test_synth_writes_shards_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert run(["data", "synth", "--out", str(out), "--samples", "12", "--samples-per-shard", "5",
+                "--image-size", "16"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert summary == [f"synthesized 12 caption samples in {out}/captions-{{000000..000002}}.tar, "
+                       f"12 vqa samples in {out}/vqa-{{000000..000002}}.tar"]
+    assert len(list(out.glob("*.tar"))) == 6 and (out / "index.json").is_file()
+
+    code, err = exit_code_and_error(["data", "synth", "--out", str(out), "--samples", "5"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("kakehashi: error: ") and "--force" in err
+    assert run(["data", "synth", "--out", str(out), "--samples", "5", "--image-size", "16", "--force"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["captions-000000.tar", "vqa-000000.tar"]
+
+
+def test_preview_json_shows_rendered_text_targets_and_bad_samples(tmp_path, capsys, make_png):
+    with ShardWriter(tmp_path, "mixed", 10) as writer:
+        writer.write("cap", {"caption": "赤色の円。"}, [("png", make_png())])
+        writer.write("qa", {"conversations": [{"role": "user", "content": "<image>\nこの図形は何ですか？"},
+                                              {"role": "assistant", "content": "円です。"}]}, [("png", make_png())])
+        writer.write("broken", {"caption": "x"}, [("png", b"not a png")])
+        writer.write("more", {"caption": "y"}, [("png", make_png())])
+    assert run(["data", "preview", f"{tmp_path}/mixed-*.tar", "--template", "sarashina", "--json", "--limit", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert lines == [
+        {"key": "cap", "text": "<image>\n赤色の円。</s>", "targets": ["赤色の円。</s>"]},
+        {"key": "qa", "text": "### Human: <image>\nこの図形は何ですか？\n### Assistant: 円です。</s>\n",
+         "targets": ["円です。</s>"]},
+        {"key": "broken", "error": lines[2]["error"]},
+    ]
+    assert lines[2]["error"].startswith("undecodable_image")
+    assert "3 sample(s), 1 bad" in captured.err
+
+
+def test_preview_readable_form(synth_dir, capsys):
+    assert run(["data", "preview", f"{synth_dir}/vqa-000000.tar", "--template", "asagi", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== ") == 2 and out.count("--- targets: ") == 2
+    assert "以下は、タスクを説明する指示です。" in out
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["missing-*.tar", "--template", "asagi"], "no shard matches"),
+    (["missing.tar", "--template", "asagi"], "missing.tar"),
+    (["{synth}/vqa-000000.tar", "--template", "alpaca"], "unknown template 'alpaca'"),
+    (["{synth}/vqa-000000.tar", "--template", "chat"], "chat_template"),
+    (["{synth}/vqa-000000.tar", "--template", "asagi", "--tokenizer", "no-such-dir"], "no-such-dir"),
+])
+def test_preview_bad_input_is_one_line_exit_2(synth_dir, tmp_path, capsys, argv_tail, message):
+    argv_tail = [arg.replace("{synth}", str(synth_dir)) for arg in argv_tail]
+    if argv_tail[0].startswith("missing"):
+        argv_tail[0] = f"{tmp_path}/{argv_tail[0]}"
+    code, err = exit_code_and_error(["data", "preview", *argv_tail], capsys)
+    assert code == 2
+    assert err.startswith("kakehashi: error: ") and err.count("\n") == 1 and message in err
