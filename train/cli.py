@@ -29,8 +29,18 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from train.run import run
 
+    from train.engine import EXIT_NONFINITE, NonFiniteLimit
+    from train.preemption import EXIT_PREEMPTED, Preempted
+
     recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, Path(args.output), force=args.force, export=not args.no_export)
+    try:
+        run(recipe, Path(args.output), force=args.force, export=not args.no_export, resume=args.resume)
+    except NonFiniteLimit as err:
+        print(f"kakehashi: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except Preempted as err:
+        print(f"kakehashi: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -137,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="run directory (stages already complete there are skipped)")
     train.add_argument("--force", action="store_true", help="use an output directory that holds other files")
     train.add_argument("--no-export", action="store_true", help="skip the export after the last stage")
+    train.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                       help="auto: continue from the newest complete checkpoint (default); never: start over "
+                            "(with --force on a used output); PATH: that checkpoint")
     train.set_defaults(func=cmd_train)
 
     recipe = commands.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True,

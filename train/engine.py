@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from train import distributed
+from train import checkpoint, distributed, faults, preemption
 from train.model import LlavaForTraining
 from train.recipe import Stage, UsageError
+from train.reporting import MetricsLog, Progress
 from train.stages import apply_freeze_plan, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -30,6 +29,7 @@ class StageSummary:
     samples: int
     tokens: int              # real (non-pad) tokens, all ranks
     bad_samples: int
+    skipped_steps: int       # optimizer steps skipped for a non-finite loss or gradient
     trainable: dict
     frozen: dict
 
@@ -57,51 +57,43 @@ def deepspeed_config(stage: Stage, world_size: int) -> dict:
     }
 
 
-class MetricsLog:
-    """metrics.jsonl (rank 0), plus wandb when the recipe configures it."""
-
-    def __init__(self, path: Path, wandb_run=None):
-        self.path, self.wandb_run = path, wandb_run
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"{record['stage']}/{k}": v for k, v in record.items() if k != "stage"})
+class NonFiniteLimit(Exception):
+    """Too many optimizer steps in a row had a non-finite loss or gradient; the run stops without a checkpoint."""
 
 
-class Progress:
-    """A progress bar with loss and ETA on a terminal; a line every ~10% of the stage otherwise."""
+EXIT_NONFINITE = 3
 
-    def __init__(self, stage: Stage, enabled: bool):
-        self.stage, self.enabled, self.start = stage, enabled, time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=stage.steps, desc=stage.name, unit="step", dynamic_ncols=True)
+class BatchStream:
+    """The loader's micro-batches, with a resumable position (the loader's own state when it has one)."""
 
-    def update(self, step: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
-            return
-        every = max(1, self.stage.steps // 10)
-        if step % every == 0 or step == self.stage.steps:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / step * (self.stage.steps - step)
-            print(f"  [{self.stage.name}] step {step}/{self.stage.steps}  loss {loss:.4f}  eta {eta:.0f}s", flush=True)
+    def __init__(self, loader):
+        self.loader, self.iterator, self.consumed = loader, None, 0
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def __next__(self) -> dict:
+        if self.iterator is None:
+            self.iterator = iter(self.loader)
+        self.consumed += 1
+        return next(self.iterator)
+
+    def state_dict(self) -> dict:
+        has_state = hasattr(self.loader, "state_dict")
+        return {"consumed": self.consumed, "loader": self.loader.state_dict() if has_state else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+            self.iterator = None
+        else:  # a loader without state: replay to the same position (exact, but decodes what it skips)
+            while self.consumed < state["consumed"]:
+                next(self)
+        self.consumed = state["consumed"]
 
 
 def train_stage(
-    llava, stage: Stage, batches: Iterator[dict], metrics: MetricsLog | None, *, rank: int, world_size: int,
-    checkpoint_dir: Path | None = None, bad_sample_count=lambda: 0,
+    llava, stage: Stage, loader, metrics: MetricsLog | None, *, rank: int, world_size: int,
+    checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int = 2,
+    max_nonfinite_steps: int = 3, bad_sample_count=lambda: 0,
 ):
     """Train `llava` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights."""
     import deepspeed
@@ -116,12 +108,21 @@ def train_stage(
     )
     accumulation = config["gradient_accumulation_steps"]
     device = distributed.device()
-    progress = Progress(stage, enabled=rank == 0)
-    start = time.perf_counter()
-    first_loss = loss = float("nan")
-    samples = tokens = 0
+    batches = BatchStream(loader)
+    totals = {"first_loss": float("nan"), "samples": 0, "tokens": 0, "skipped_steps": 0, "seconds": 0.0}
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from, rank)
+        start_step, totals = state["step"], state["totals"]
+        batches.load_state_dict(state["data"])
+        if rank == 0:
+            print(f"  [{stage.name}] resumed from {resume_from} at step {start_step}", flush=True)
+    nan_steps = faults.nan_steps(rank)
+    progress = Progress(stage, enabled=rank == 0, initial=start_step)
+    resumed_at = time.perf_counter() - totals["seconds"]
+    loss, consecutive_skips = float("nan"), 0
 
-    for step in range(1, stage.steps + 1):
+    for step in range(start_step + 1, stage.steps + 1):
         step_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accumulation)]
         # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
@@ -132,18 +133,28 @@ def train_stage(
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
             pixels = batch["pixel_values"]
             micro_loss, _ = engine(**inputs, pixel_values=None if pixels is None else pixels.to(device))
+            if step in nan_steps:
+                micro_loss = micro_loss * float("nan")
             engine.backward(micro_loss * scale)
-            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
             loss_sum += micro_loss.item()
         loss = distributed.all_reduce_sum(loss_sum) / max(targets, 1.0)
         step_tokens = distributed.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
-        step_samples = stage.global_batch_size
-        samples += step_samples
-        tokens += int(step_tokens)
-        first_loss = loss if step == 1 else first_loss
+        applied = engine.was_step_applied() and math.isfinite(loss)
+        totals["samples"] += stage.global_batch_size
+        totals["tokens"] += int(step_tokens)
+        if step == 1:
+            totals["first_loss"] = loss
         seconds = time.perf_counter() - step_start
 
-        if metrics is not None and (step % stage.log_every == 0 or step == stage.steps):
+        if applied:
+            consecutive_skips = 0
+        else:  # every rank saw the same non-finite flag (DeepSpeed all-reduces it), so all skipped this step
+            consecutive_skips += 1
+            totals["skipped_steps"] += 1
+            log.warning("stage %s step %d: non-finite loss or gradient; optimizer step skipped (%d in a row)",
+                        stage.name, step, consecutive_skips)
+        if metrics is not None and (step % stage.log_every == 0 or step == stage.steps or not applied):
             grad_norm = engine.get_global_grad_norm()
             metrics.write({
                 "stage": stage.name,
@@ -152,19 +163,34 @@ def train_stage(
                 "lr": optimizer.param_groups[0]["lr"],
                 "lr_by_group": {g["name"]: g["lr"] for g in optimizer.param_groups},
                 "grad_norm": None if grad_norm is None else float(grad_norm),
+                "skipped": not applied,
                 "target_tokens": int(targets),
                 "tokens_per_s": step_tokens / seconds,
-                "samples_per_s": step_samples / seconds,
+                "samples_per_s": stage.global_batch_size / seconds,
+                "bad_samples": bad_sample_count(),
             })
+        if consecutive_skips >= max_nonfinite_steps:
+            raise NonFiniteLimit(
+                f"stage {stage.name}: {consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last at step {step}); stopped without saving this state"
+            )
         progress.update(step, loss)
-        if checkpoint_dir is not None and stage.save_every and step % stage.save_every == 0 and step < stage.steps:
-            engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{step:07d}")
+        faults.maybe_kill("after_step", stage.name, step)
+        stop = distributed.all_reduce_sum(preemption.stop_requested()) > 0  # every rank stops at the same step
+        due = stage.save_every and step % stage.save_every == 0
+        if checkpoint_dir is not None and step < stage.steps and consecutive_skips == 0 and (due or stop):
+            totals["seconds"] = time.perf_counter() - resumed_at
+            rank_state = {"data": batches.state_dict(), "totals": dict(totals)}
+            checkpoint.save(engine, checkpoint_dir, step, rank_state, rank=rank, keep_last=keep_last, stage=stage.name)
+        if stop:
+            raise preemption.Preempted(f"stage {stage.name}: stopped at step {step} on request; checkpoint saved")
     progress.close()
 
     summary = StageSummary(
-        stage=stage.name, steps=stage.steps, first_loss=first_loss, final_loss=loss,
-        seconds=time.perf_counter() - start, samples=samples, tokens=tokens,
+        stage=stage.name, steps=stage.steps, first_loss=totals["first_loss"], final_loss=loss,
+        seconds=time.perf_counter() - resumed_at, samples=totals["samples"], tokens=totals["tokens"],
         bad_samples=int(distributed.all_reduce_sum(bad_sample_count())),
+        skipped_steps=totals["skipped_steps"],
         trainable={c: r["trainable"] for c, r in freeze_table.items()},
         frozen={c: r["frozen"] for c, r in freeze_table.items()},
     )

@@ -210,6 +210,17 @@ class Synthesize(Strict):
     image_size: int = Field(64, gt=0)
 
 
+class Checkpointing(Strict):
+    keep_last: int = 2  # complete mid-stage checkpoints kept per stage
+
+    @field_validator("keep_last")
+    @classmethod
+    def _at_least_two(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("keep_last must be >= 2: while the newest checkpoint is being written, the previous one is the only complete copy")
+        return value
+
+
 class Recipe(Strict):
     name: str
     seed: int = 0
@@ -217,6 +228,8 @@ class Recipe(Strict):
     template: Literal["asagi", "sarashina", "plain", "chat"]
     synthesize: Synthesize | None = None
     wandb: dict[str, Any] | None = None                # {project, entity, ...}: logging on when set
+    checkpoint: Checkpointing = Checkpointing()
+    max_nonfinite_steps: int = Field(3, gt=0)          # skipped steps in a row before the run stops
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -35,17 +35,55 @@ def is_complete(path: Path) -> bool:
     return (path / "summary.json").is_file()
 
 
-def prepare_output(output: Path, recipe: Recipe, force: bool) -> None:
+RUN_ENTRIES = ("recipe.yaml", "processor", "cache", "metrics.jsonl", "stages", "checkpoints", "export")
+
+
+def prepare_output(output: Path, recipe: Recipe, force: bool, resume: str) -> None:
     """Refuse to mix runs: an output directory holds one recipe's run, or is new."""
     text = dump_recipe(recipe)
     stored = output / "recipe.yaml"
-    if stored.is_file():
+    occupied = output.exists() and any(output.iterdir())
+    if resume == "never" and occupied:
+        if not force:
+            raise UsageError(f"--resume never: {output} is not empty; pass --force to start over (its run is deleted)")
+        for entry in RUN_ENTRIES:
+            path = output / entry
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif stored.is_file():
         if stored.read_text(encoding="utf-8") != text and not force:
             raise UsageError(f"{output} holds a run of a different recipe (see its recipe.yaml); use a new --output or --force")
-    elif output.exists() and any(output.iterdir()) and not force:
+    elif occupied and not force:
         raise UsageError(f"{output} is not empty and holds no kakehashi run; use a new --output or --force")
     output.mkdir(parents=True, exist_ok=True)
     stored.write_text(text, encoding="utf-8")
+
+
+def resume_point(output: Path, recipe: Recipe, resume: str) -> tuple[int, Path | None]:
+    """(index of the first stage to train, checkpoint to resume it from or None).
+
+    auto: the first unfinished stage, from its newest complete checkpoint if it has one; never: stage 0 from scratch;
+    a path: that checkpoint, which must belong to the first unfinished stage.
+    """
+    from train import checkpoint
+
+    dirs = [stage_dir(output, i, stage) for i, stage in enumerate(recipe.stages)]
+    first = next((i for i, d in enumerate(dirs) if not is_complete(d)), len(dirs))
+    if resume == "never" or first == len(dirs):
+        return first, None
+    if resume == "auto":
+        found = checkpoint.complete_checkpoints(output / "checkpoints" / dirs[first].name)
+        return first, found[-1] if found else None
+    path = Path(resume)
+    if not (path / checkpoint.COMPLETE).is_file():
+        raise UsageError(f"--resume {resume}: not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
+    names = [d.name for d in dirs]
+    if path.parent.name not in names or path.parent.parent.resolve() != (output / "checkpoints").resolve():
+        raise UsageError(f"--resume {resume}: not a checkpoint of this run (expected {output}/checkpoints/NN-stage/step-N)")
+    index = names.index(path.parent.name)
+    if index != first:
+        state = "already finished" if index < first else f"after unfinished stage {recipe.stages[first].name}"
+        raise UsageError(f"--resume {resume}: stage {recipe.stages[index].name} is {state}")
+    return index, path
 
 
 def synthesize_missing_data(recipe: Recipe) -> None:
@@ -119,17 +157,19 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
     )
 
 
-def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True) -> list[dict]:
+def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, resume: str = "auto") -> list[dict]:
     """Train every stage not yet complete in `output`, then export. Returns the stage summaries."""
-    from transformers import LlavaConfig, LlavaProcessor
+    from transformers import LlavaProcessor
 
+    from train import preemption
     from train.engine import MetricsLog, consolidated_state_dict, summary_dict, train_stage
     from train.model import build_model, llava_config
 
     rank, world_size = distributed.init_distributed()
+    preemption.install_handlers()
     try:
         if rank == 0:
-            prepare_output(output, recipe, force)
+            prepare_output(output, recipe, force, resume)
             synthesize_missing_data(recipe)
             if not (output / "processor").is_dir():
                 atomic_write_dir(output / "processor", build_processor(recipe, output).save_pretrained)
@@ -138,11 +178,12 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True) 
         tokenizer = processor.tokenizer
         config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         metrics = MetricsLog(output / "metrics.jsonl", wandb_run=_wandb_run(recipe, output)) if rank == 0 else None
+        first, resume_from = resume_point(output, recipe, resume)
 
         summaries, previous = [], None
         for index, stage in enumerate(recipe.stages):
             done = stage_dir(output, index, stage)
-            if is_complete(done):
+            if index < first:
                 summaries.append(json.loads((done / "summary.json").read_text()))
                 if rank == 0:
                     print(f"stage {index + 1}/{len(recipe.stages)} {stage.name}: already complete in {done}, skipped")
@@ -154,8 +195,10 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True) 
                 llava.load_state_dict(load_file(previous / "model.safetensors"))
             batches = stage_batches(recipe, index, processor, rank, world_size)
             engine, summary = train_stage(
-                llava, stage, iter(batches), metrics, rank=rank, world_size=world_size,
+                llava, stage, batches, metrics, rank=rank, world_size=world_size,
                 checkpoint_dir=output / "checkpoints" / done.name,
+                resume_from=resume_from if index == first else None,
+                keep_last=recipe.checkpoint.keep_last, max_nonfinite_steps=recipe.max_nonfinite_steps,
                 bad_sample_count=lambda: sum(batches.stats["bad"].values()),
             )
             state = consolidated_state_dict(engine, rank)
@@ -181,6 +224,10 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True) 
             print(f"export: {output / 'export'} (LlavaForConditionalGeneration + AutoProcessor)", flush=True)
         distributed.barrier()
         return summaries
+    except preemption.Preempted:
+        if rank == 0:
+            preemption.requeue()
+        raise
     finally:
         distributed.close()
 
@@ -191,7 +238,8 @@ def format_summary(index: int, total: int, s: dict) -> str:
         f"stage {index + 1}/{total} {s['stage']}: {s['steps']} steps in {s['seconds']:.1f}s, "
         f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, trained {trained} "
         f"({sum(s['trainable'].values()):,} params), {s['samples']} samples, "
-        f"{s['tokens'] / max(s['seconds'], 1e-9):,.0f} tokens/s, {s['bad_samples']} bad samples skipped"
+        f"{s['tokens'] / max(s['seconds'], 1e-9):,.0f} tokens/s, {s['bad_samples']} bad samples skipped, "
+        f"{s['skipped_steps']} non-finite steps skipped"
     )
 
 

@@ -61,7 +61,28 @@ def warmup_cosine(stage: Stage):
     return multiplier
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its step when any rank has a non-finite gradient, and says so through `overflow`.
+
+    DeepSpeed's ZeRO optimizers check gradients for overflow themselves and skip the step (and the scheduler); with
+    ZeRO-0 the engine steps this optimizer directly, so it does the same check, and DeepSpeed reads `overflow`.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.tensor(0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0, device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        self.overflow = bool(bad.item())
+        return None if self.overflow else super().step(closure)
+
+
 def build_optimizer(model: nn.Module, stage: Stage):
-    optimizer = torch.optim.AdamW(parameter_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+    optimizer_cls = GuardedAdamW if stage.zero_stage == 0 else torch.optim.AdamW
+    optimizer = optimizer_cls(parameter_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     return optimizer, scheduler

@@ -1,10 +1,15 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import yaml
 
 from train import distributed
 from train.model import build_model, llava_config
 from train.recipe import DataSource, Stage, load_recipe
-from tests.conftest import TINY_RECIPE
+from tests.conftest import REPO, TINY_RECIPE
 
 IMAGE_TOKEN_ID = 4
 VOCAB = 300
@@ -49,3 +54,34 @@ def random_batch(generator: torch.Generator, batch: int, length: int, targets_fr
         "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator) if images else None,
         "num_target_tokens": int((labels[:, 1:] != -100).sum()),
     }
+
+
+def short_recipe(tmp_path, *, zero_stage: int = 2, steps=(4, 6), save_every: int = 0, samples: int = 200,
+                 stage_fields: dict | None = None, **top):
+    """The tiny recipe, shortened, on a small synthetic set under tmp_path, both stages on `zero_stage`."""
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    data = tmp_path / "shapes"
+    recipe["synthesize"].update(out=str(data), samples=samples)
+    recipe.update(top)
+    for stage, n in zip(recipe["stages"], steps):
+        stage.update(steps=n, zero_stage=zero_stage, save_every=save_every, **(stage_fields or {}))
+        for source in stage["data"]:
+            source["shards"] = source["shards"].replace("data/tiny-shapes", str(data))
+    path = tmp_path / f"zero{zero_stage}.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return path
+
+
+def losses(run) -> dict:
+    """(stage, step) -> loss from metrics.jsonl; a step logged twice (before a kill, after resume) keeps the last."""
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(r["stage"], r["step"]): r["loss"] for r in records}
+
+
+def torchrun(recipe, output, *args, env=None, nproc=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "train", str(recipe), "--output", str(output), *map(str, args)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

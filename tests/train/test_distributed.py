@@ -1,35 +1,9 @@
 """`torchrun --nproc_per_node 2 -m train` on CPU (gloo) with ZeRO-2 and ZeRO-3: same recipe, same losses."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import yaml
-
-from tests.conftest import REPO, TINY_RECIPE
-
-
-def short_recipe(tmp_path, zero_stage: int):
-    """The tiny recipe, 4 + 6 steps, a small synthetic set, both stages on `zero_stage`."""
-    recipe = yaml.safe_load(TINY_RECIPE.read_text())
-    data = tmp_path / "shapes"
-    recipe["synthesize"].update(out=str(data), samples=200)
-    for stage, steps in zip(recipe["stages"], (4, 6)):
-        stage.update(steps=steps, zero_stage=zero_stage)
-        for source in stage["data"]:
-            source["shards"] = source["shards"].replace("data/tiny-shapes", str(data))
-    path = tmp_path / f"zero{zero_stage}.yaml"
-    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
-    return path
-
-
-def torchrun(recipe, output):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "train", str(recipe), "--output", str(output)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+from tests.train.conftest import short_recipe, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +11,7 @@ def runs(tmp_path_factory):
     results = {}
     for zero_stage in (2, 3):
         tmp = tmp_path_factory.mktemp(f"zero{zero_stage}")
-        result = torchrun(short_recipe(tmp, zero_stage), tmp / "run")
+        result = torchrun(short_recipe(tmp, zero_stage=zero_stage), tmp / "run")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         results[zero_stage] = (tmp / "run", result.stdout)
     return results

@@ -1,0 +1,159 @@
+"""Reliability through the real command: kill -9 and resume, torn checkpoints, non-finite steps, safe loading."""
+
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, kakehashi
+from tests.train.conftest import losses, short_recipe, torchrun
+
+STEPS = (4, 10)  # stage 2 checkpoints every 2 steps
+
+
+def final_weights(run):
+    return load_file(run / "stages" / "02-instruct" / "model.safetensors")
+
+
+def assert_same_run(run, reference):
+    got, want = losses(run), losses(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    weights, expected = final_weights(run), final_weights(reference)
+    assert all(torch.allclose(weights[k], expected[k], atol=1e-6, rtol=0) for k in expected)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    return short_recipe(tmp_path_factory.mktemp("recipe"), steps=STEPS, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recipe, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = kakehashi("train", recipe, "--output", run, "--no-export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_kill9_then_resume_equals_the_uninterrupted_run(recipe, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    killed = kakehashi("train", recipe, "--output", run, "--no-export",
+                       env={"KAKEHASHI_FAULT_KILL": "after_step:instruct:7"})
+    assert killed.returncode == -9
+    assert (run / "checkpoints" / "02-instruct" / "latest").read_text().strip() == "step-0000006"
+    resumed = kakehashi("train", recipe, "--output", run, "--no-export")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage 1/2 align: already complete" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "at step 6" in resumed.stdout
+    assert_same_run(run, uninterrupted)
+
+
+def test_torn_checkpoint_is_skipped_and_the_previous_one_used(recipe, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    killed = kakehashi("train", recipe, "--output", run, "--no-export", env={"KAKEHASHI_FAULT_KILL": "in_save:instruct:6"})
+    assert killed.returncode == -9
+    checkpoints = run / "checkpoints" / "02-instruct"
+    assert (checkpoints / ".tmp-step-0000006").is_dir() and not (checkpoints / "step-0000006").exists()
+    resumed = kakehashi("train", recipe, "--output", run, "--no-export")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping torn checkpoint" in resumed.stdout + resumed.stderr
+    assert "at step 4" in resumed.stdout
+    assert_same_run(run, uninterrupted)
+
+
+def test_only_the_last_k_checkpoints_are_kept(uninterrupted):
+    kept = sorted(p.name for p in (uninterrupted / "checkpoints" / "02-instruct").glob("step-*"))
+    assert kept == ["step-0000006", "step-0000008"]  # keep_last 2; no checkpoint at the final step (the stage is)
+
+
+def test_two_ranks_zero2_kill9_resume(tmp_path_factory):
+    recipe = short_recipe(tmp_path_factory.mktemp("r2"), steps=(2, 6), save_every=2)
+    reference, run = tmp_path_factory.mktemp("ref2") / "run", tmp_path_factory.mktemp("kill2") / "run"
+    assert torchrun(recipe, reference, "--no-export").returncode == 0
+    killed = torchrun(recipe, run, "--no-export", env={"KAKEHASHI_FAULT_KILL": "after_step:instruct:5"})
+    assert killed.returncode != 0
+    result = torchrun(recipe, run, "--no-export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 4" in result.stdout
+    assert_same_run(run, reference)
+
+
+def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
+    recipe = short_recipe(tmp_path, steps=(2, 5))
+    run = tmp_path / "run"
+    result = torchrun(recipe, run, "--no-export", env={"KAKEHASHI_FAULT_NAN": "1:3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [(r["stage"], r["step"]) for r in records if r["skipped"]]
+    assert skipped == [("instruct", 3)]  # align has only 2 steps
+    summary = json.loads((run / "stages" / "02-instruct" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in final_weights(run).values())
+
+
+def test_skipped_step_leaves_parameters_unchanged(tmp_path):
+    """Stage 2 with steps 1-2 then a NaN at 3 ends with exactly the weights of a 2-step stage 2."""
+    constant_lr = {"warmup_ratio": 0.0, "min_lr_ratio": 1.0}  # so steps 1-2 see the same lr in both runs
+    recipe = short_recipe(tmp_path, steps=(2, 3), stage_fields=constant_lr)
+    (tmp_path / "b").mkdir()
+    two_steps = short_recipe(tmp_path / "b", steps=(2, 2), stage_fields=constant_lr)
+    a, b = tmp_path / "a-run", tmp_path / "b-run"
+    assert kakehashi("train", recipe, "--output", a, "--no-export", env={"KAKEHASHI_FAULT_NAN": "0:3"}).returncode == 0
+    assert kakehashi("train", two_steps, "--output", b, "--no-export").returncode == 0
+    weights, expected = final_weights(a), final_weights(b)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_too_many_nonfinite_steps_stop_without_a_checkpoint(tmp_path):
+    recipe = short_recipe(tmp_path, steps=(2, 8), save_every=1, max_nonfinite_steps=2)
+    run = tmp_path / "run"
+    result = kakehashi("train", recipe, "--output", run, "--no-export", env={"KAKEHASHI_FAULT_NAN": "0:4,5,6"})
+    assert result.returncode == 3
+    assert "2 optimizer steps in a row had a non-finite loss or gradient" in result.stderr
+    assert "Traceback" not in result.stderr
+    kept = sorted(p.name for p in (run / "checkpoints" / "02-instruct").glob("step-*"))
+    assert kept == ["step-0000002", "step-0000003"]  # nothing after the first bad step
+    assert not (run / "stages" / "02-instruct").exists()
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_runs_nothing(recipe, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / "stages" / "02-instruct")
+    checkpoint = run / "checkpoints" / "02-instruct" / "step-0000008"
+    marker = tmp_path / "pwned"
+    os.environ["PWNED_MARKER"] = str(marker)
+    for state_file in checkpoint.glob("kakehashi-rank*.pt"):
+        state_file.write_bytes(pickle.dumps(Payload()))
+    result = kakehashi("train", recipe, "--output", run, "--no-export", "--resume", checkpoint)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "refusing checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_resume_never_refuses_a_used_output_without_force(recipe, uninterrupted):
+    result = kakehashi("train", recipe, "--output", uninterrupted, "--resume", "never")
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert (uninterrupted / "stages" / "02-instruct" / "summary.json").is_file()
+
+
+def test_every_torch_load_in_the_source_is_weights_only():
+    calls = []
+    for path in list((REPO / "train").rglob("*.py")) + list((REPO / "data_pipelines").rglob("*.py")):
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
+            calls.append((path.name, match.group(1)))
+    assert calls, "expected at least one torch.load to check"
+    assert all("weights_only=True" in args for _, args in calls), calls
