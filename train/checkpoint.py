@@ -96,11 +96,13 @@ def save(engine, root: Path, step: int, rank_state: dict, *, rank: int, keep_las
         root.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tmp_tag / f"kakehashi-rank{rank:05d}.pt")
+    world_size = torch.distributed.get_world_size()
+    state = {"step": step, "world_size": world_size, "rng": rng_state(), **rank_state}
+    torch.save(state, root / tmp_tag / f"kakehashi-rank{rank:05d}.pt")
     distributed.barrier()  # every rank's files are on disk
     faults.maybe_kill("in_save", stage, step)
     if rank == 0:
-        (root / tmp_tag / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+        (root / tmp_tag / COMPLETE).write_text(json.dumps({"step": step, "world_size": world_size}) + "\n")
         if final.exists():  # an older run's copy of this step, superseded by this one
             shutil.rmtree(final)
         (root / tmp_tag).rename(final)
@@ -134,13 +136,29 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return found
 
 
-def load(engine, path: Path, rank: int) -> dict:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns this rank's state dict."""
+def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dict:
+    """Restore engine (model, optimizer, scheduler) and RNG; returns this rank's state.
+
+    On another number of ranks than it was saved on (ZeRO-0/1/2: the model states file holds the whole model), the
+    weights, step and learning-rate schedule carry over, the data position by sample count (rank 0's state is
+    returned), and AdamW's moments start again: re-sharding them is not implemented yet.
+    """
     verify_checkpoint(path)
-    state_file = path / f"kakehashi-rank{rank:05d}.pt"
-    if not state_file.is_file():
-        raise UsageError(f"{path} was saved with fewer ranks than this run has (no {state_file.name})")
-    engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    set_rng_state(state["rng"])
+    saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
+    if saved_world == world_size:
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = torch.load(path / f"kakehashi-rank{rank:05d}.pt", map_location="cpu", weights_only=True)
+        set_rng_state(state["rng"])
+        return state
+    if zero_stage == 3:
+        raise UsageError(f"{path} was saved on {saved_world} ranks with ZeRO-3; resume it on {saved_world} ranks "
+                         f"(re-sharding ZeRO-3 state is not supported yet), or train with ZeRO-0/1/2 for elastic resume")
+    log.warning("%s was saved on %d ranks; resuming on %d: weights, step, schedule and data position (by sample "
+                "count) carry over; optimizer moments restart", path, saved_world, world_size)
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
+    model_states = next(path.glob("*model_states.pt"))
+    scheduler_state = torch.load(model_states, map_location="cpu", weights_only=True)["lr_scheduler"]
+    engine.lr_scheduler.load_state_dict(scheduler_state)
+    state = torch.load(path / "kakehashi-rank00000.pt", map_location="cpu", weights_only=True)
+    engine.global_steps = state["step"]
     return state

@@ -76,6 +76,10 @@ class BatchStream:
         self.consumed += 1
         return next(self.iterator)
 
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            next(self)
+
     def state_dict(self) -> dict:
         has_state = hasattr(self.loader, "state_dict")
         return {"consumed": self.consumed, "loader": self.loader.state_dict() if has_state else None}
@@ -85,8 +89,7 @@ class BatchStream:
             self.loader.load_state_dict(state["loader"])
             self.iterator = None
         else:  # a loader without state: replay to the same position (exact, but decodes what it skips)
-            while self.consumed < state["consumed"]:
-                next(self)
+            self.skip(state["consumed"] - self.consumed)
         self.consumed = state["consumed"]
 
 
@@ -112,9 +115,12 @@ def train_stage(
     totals = {"first_loss": float("nan"), "samples": 0, "tokens": 0, "skipped_steps": 0, "seconds": 0.0}
     start_step = 0
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from, rank)
+        state = checkpoint.load(engine, resume_from, rank, world_size, stage.zero_stage)
         start_step, totals = state["step"], state["totals"]
-        batches.load_state_dict(state["data"])
+        if state["world_size"] == world_size:
+            batches.load_state_dict(state["data"])
+        else:  # elastic: a new split of the data; carry over the number of samples consumed, not the order
+            batches.skip(state["data"]["consumed"] * state["world_size"] // world_size)
         if rank == 0:
             print(f"  [{stage.name}] resumed from {resume_from} at step {start_step}", flush=True)
     nan_steps = faults.nan_steps(rank)

@@ -157,3 +157,28 @@ def test_every_torch_load_in_the_source_is_weights_only():
             calls.append((path.name, match.group(1)))
     assert calls, "expected at least one torch.load to check"
     assert all("weights_only=True" in args for _, args in calls), calls
+
+
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory):
+    constant_lr = {"warmup_ratio": 0.0, "min_lr_ratio": 1.0}
+    base = tmp_path_factory.mktemp("elastic")
+    recipe = short_recipe(base, steps=(2, 6), save_every=2, stage_fields=constant_lr)
+    (base / "ref").mkdir()
+    four_steps = short_recipe(base / "ref", steps=(2, 4), stage_fields=constant_lr)
+    reference, run = base / "ref-run", base / "run"
+    assert torchrun(four_steps, reference, "--no-export").returncode == 0
+    killed = torchrun(recipe, run, "--no-export", env={"KAKEHASHI_FAULT_KILL": "after_step:instruct:5"})
+    assert killed.returncode != 0
+
+    # one rank, stage 2 cut to 4 steps: nothing left to train, so its final weights are the checkpoint's
+    cut = kakehashi("train", recipe, "--output", run, "--no-export", "--force", "--set", "stages.1.steps=4")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "saved on 2 ranks; resuming on 1" in cut.stdout + cut.stderr
+    weights, expected = final_weights(run), final_weights(reference)
+    assert all(torch.allclose(weights[k], expected[k], atol=1e-6, rtol=0) for k in expected)
+
+    shutil.rmtree(run / "stages" / "02-instruct")  # now finish the full 6 steps on one rank
+    full = kakehashi("train", recipe, "--output", run, "--no-export", "--force")
+    assert full.returncode == 0, full.stderr[-3000:]
+    after = [loss for (stage, step), loss in losses(run).items() if stage == "instruct" and step > 4]
+    assert len(after) == 2 and all(loss == loss and loss < 10 for loss in after)
