@@ -55,7 +55,7 @@ def recipe_report(recipe) -> dict:
     spec = recipe.model
     with tempfile.TemporaryDirectory() as cache:
         try:
-            tokenizer = load_tokenizer(spec, os.environ.get("KAKEHASHI_CACHE", cache))
+            tokenizer = load_tokenizer(spec, os.environ.get("KAKEHASHI_CACHE", cache), offline=True)
             vocab, image_id = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         except OSError:  # a hub tokenizer not on this machine: the LLM config's vocabulary (+ the image token)
             vocab, image_id = 0, -1
@@ -85,7 +85,7 @@ def recipe_report(recipe) -> dict:
 def cmd_recipe_check(args) -> int:
     from train.stages import format_freeze_table
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, check_data=not args.skip_data)
     report = recipe_report(recipe)
     if args.json:
         print(json.dumps(report))
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = recipe.add_parser("check", help="validate a recipe offline and count parameters per stage")
     _add_recipe_args(check)
     check.add_argument("--json", action="store_true")
+    check.add_argument("--skip-data", action="store_true",
+                       help="do not require the shards to exist here (data that lives on the training cluster)")
     check.set_defaults(func=cmd_recipe_check)
 
     from data_pipelines.commands import register

@@ -103,14 +103,16 @@ def tokens_per_image(spec: VisionEncoder, vision: PretrainedConfig) -> int:
 # ---------------------------------------------------------------------------------------------- tokenizer, processor
 
 
-def load_tokenizer(spec: ModelSpec, cache_dir: str | Path):
+def load_tokenizer(spec: ModelSpec, cache_dir: str | Path, offline: bool = False):
     """The recipe's tokenizer, with the image token added as a special token if it lacks one."""
     if spec.tokenizer == "builtin:tiny-ja":
         from data_pipelines.tiny_tokenizer import load_or_build_tiny_tokenizer
 
         tokenizer = load_or_build_tiny_tokenizer(Path(cache_dir) / "tiny-ja")
     else:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code, local_files_only=offline
+        )
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:

@@ -129,7 +129,7 @@ class DataSource(Strict):
     @field_validator("shards")
     @classmethod
     def _shards_exist(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
-        if not _files_checked(info):
+        if not _files_checked(info) or not info.context.get("check_data", True):
             return value
         from data_pipelines.shards import expand_shard_patterns
 
@@ -310,7 +310,9 @@ def _describe(error: dict, lines: dict[tuple, int]) -> tuple[str, str, int | Non
     return field, message, line
 
 
-def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (), check_files: bool = True) -> Recipe:
+def parse_recipe(
+    text: str, source: str = "<recipe>", overrides: list[str] = (), check_files: bool = True, check_data: bool = True
+) -> Recipe:
     """Parse and validate recipe text. Raises RecipeError listing every problem."""
     try:
         data = yaml.safe_load(text)
@@ -323,7 +325,7 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (),
         raise RecipeError(source, ["(recipe): the recipe must be a YAML mapping"])
     problems = apply_overrides(data, list(overrides))
     synth = data.get("synthesize")
-    context = {"check_files": check_files, "synth_out": synth.get("out") if isinstance(synth, dict) else None}
+    context = {"check_files": check_files, "check_data": check_data, "synth_out": synth.get("out") if isinstance(synth, dict) else None}
     try:
         recipe = Recipe.model_validate(data, context=context)
     except ValidationError as err:
@@ -339,13 +341,15 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = (),
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+def load_recipe(
+    path: str | os.PathLike, overrides: list[str] = (), check_files: bool = True, check_data: bool = True
+) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise RecipeError(str(path), [f"cannot read recipe: {err.strerror}"]) from None
-    return parse_recipe(text, str(path), overrides, check_files)
+    return parse_recipe(text, str(path), overrides, check_files, check_data)
 
 
 def dump_recipe(recipe: Recipe) -> str:
