@@ -11,7 +11,8 @@ from data_pipelines.tokenize import IGNORE_INDEX
 def collate(examples: list[Example], pad_token_id: int) -> dict:
     """Right-pad to the longest example. Images of all examples are concatenated in example order.
 
-    Returns input_ids, attention_mask, labels: [B, T] long; pixel_values: [N_images, 3, H, W] float or None;
+    Returns input_ids, attention_mask, labels: [B, T] long; pixel_values: [N_images, 3, H, W] (uint8 at the
+    model's input size, or the image_transform's float) or None;
     num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
     keys, sources: per row, the sample key and source name (for logging; not model inputs).
     """
@@ -27,7 +28,7 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
     images = [example.pixel_values for example in examples if example.pixel_values is not None]
-    pixel_values = torch.cat(images).float() if images else None  # [N_images, 3, H, W]
+    pixel_values = torch.cat(images) if images else None  # [N_images, 3, H, W], dtype kept (uint8 from workers)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -1,4 +1,5 @@
-"""`kakehashi data ...`: synthesize the embedded dataset, preview how shards render under a template.
+"""`kakehashi data ...`: synthesize the embedded dataset, preview how shards render under a template; convert,
+verify and inspect are registered from their own modules.
 
 Bad input prints one `kakehashi: error: ...` line on stderr and exits 2.
 """
@@ -25,9 +26,11 @@ def fail(message: str) -> None:
 
 def register(subparsers) -> None:
     """Add the `data` command group to the CLI's subparsers."""
-    data = subparsers.add_parser("data", help="dataset tools: synthesize, preview")
-    commands = data.add_subparsers(dest="data_command", metavar="{synth,preview}", required=True,
-                                   parser_class=type(data))
+    from data_pipelines import convert, verify
+
+    data = subparsers.add_parser("data", help="dataset tools: synthesize, preview, convert, verify, inspect")
+    commands = data.add_subparsers(dest="data_command", metavar="{synth,preview,convert,verify,inspect}",
+                                   required=True, parser_class=type(data))
 
     synth = commands.add_parser("synth", help="write the embedded synthetic shapes dataset as shards")
     synth.add_argument("--out", required=True, help="output folder")
@@ -45,6 +48,8 @@ def register(subparsers) -> None:
     preview.add_argument("--json", action="store_true", help="one JSON object per line")
     preview.add_argument("--tokenizer", help="tokenizer folder (default: the built-in tiny Japanese tokenizer)")
     preview.set_defaults(func=cmd_preview)
+    convert.register(commands)
+    verify.register(commands)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

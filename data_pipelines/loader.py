@@ -1,70 +1,89 @@
-"""Weighted mixture of endless, deterministic, rank-sharded shard streams -> collated micro-batches."""
+"""MixtureLoader: a weighted mixture of endless, deterministic, rank- and worker-split shard streams ->
+collated micro-batches, resumable exactly at any micro-batch boundary.
+
+Worker processes (torch DataLoader over an IterableDataset) each build whole micro-batches from their own slice
+of the data (batches.WorkerBatches); the DataLoader hands them out round-robin, so micro-batch k of a rank always
+comes from logical worker k mod W whatever the timing. Each batch carries its worker's state after it; the
+loader keeps the state of the last batch it returned per worker, which is exactly "what comes next".
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.collate import collate
-from data_pipelines.example import Example
-from data_pipelines.samples import BadSample, prepare_sample
-from data_pipelines.shards import RawSample, expand_shard_patterns, iter_raw_samples
+from data_pipelines.batches import (TooManyBadSamples, WorkerBatches, WorkerConfig, bad_share_message,
+                                    over_bad_limit)
+from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
+from data_pipelines.shards import expand_shard_patterns
+from data_pipelines.streams import seeded_rng  # noqa: F401 (re-exported: older callers import it from here)
 from data_pipelines.templates import template_format
-from data_pipelines.tokenize import encode, image_token_id
+from data_pipelines.tokenize import image_token_id
 
 logger = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+__all__ = ["MixtureLoader", "SourceSpec", "TooManyBadSamples"]
 
 
 @dataclass
 class SourceSpec:
-    shards: list[str]  # patterns: paths, globs, brace ranges
+    shards: list[str]  # patterns: paths, globs, brace ranges, pipe:/http(s) URLs
     weight: float  # relative share of micro-batch samples
     task: Literal["caption", "vqa"]
     name: str
 
 
-def seeded_rng(*parts) -> random.Random:
-    """A RNG seeded from `parts` the same way in every process (unlike hash(), which is salted per process)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+class _RankBatches(IterableDataset):
+    """The DataLoader's dataset: physical worker p runs logical worker (p + first_batch) mod W, so that after a
+    resume at batch `first_batch` the round-robin order continues where it stopped."""
+
+    def __init__(self, config: WorkerConfig, states: list[dict | None], first_batch: int):
+        self.config, self.states, self.first_batch = config, states, first_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.first_batch) % self.config.num_workers
+        batches = WorkerBatches(self.config, worker, self.states[worker])
+        try:
+            yield from batches
+        except TooManyBadSamples as err:  # hand the one-line message over instead of a worker traceback
+            yield {"_error": str(err), "_worker": worker, "_state": batches.state().to_dict(),
+                   "_bad_log": batches.bad_log}
 
 
-def buffered_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Approximate shuffle of a stream: hold `size` items, emit a random one as each new item arrives."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 class MixtureLoader:
-    """Iterating yields collated micro-batches forever (see collate.collate for the dict).
+    """`next()` yields collated micro-batches forever (see collate.collate for the dict; pixel_values is uint8
+    [N, 3, image_size, image_size] with `image_size`, else what `image_transform` returns).
 
-    Each source is an endless stream: epoch e visits the source's shards in an order shuffled by
-    (seed, source, e), samples in shard order through a seeded shuffle buffer, and sample i of the epoch goes to
-    rank i % world_size, so ranks never share a sample within an epoch. Each micro-batch slot draws its source
-    by weight from a RNG seeded by (seed, rank). Same arguments => same batches.
-    Bad samples are skipped, logged and counted in `stats`.
+    Same arguments => same batches, whatever the workers' timing. `num_workers` worker processes (0: in this
+    process) run max(num_workers, 1) logical workers; setting the attribute to 0 after construction runs the same
+    logical workers in-process (same batches; handy for debugging). Bad samples are skipped, logged with shard and
+    key, and counted in `stats`; past `bad_sample_limit` (share of samples read, judged from 100 on) `next()`
+    raises TooManyBadSamples. `state_dict()` / `load_state_dict()` resume exactly at a micro-batch boundary
+    (same rank, world_size, num_workers, sources and seed).
     """
 
     def __init__(self, sources: list[SourceSpec], *, tokenizer,
-                 image_transform: Callable[[list[Image.Image]], torch.Tensor], template: str, tokens_per_image: int,
-                 max_length: int, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256):
+                 image_transform: Callable[[list[Image.Image]], torch.Tensor] | None = None, template: str,
+                 tokens_per_image: int, max_length: int, micro_batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 256, num_workers: int = 2, image_size: int | None = None,
+                 image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
+                 resize_mode: ResizeMode = "squash", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 bad_sample_limit: float = 0.01, prefetch_factor: int = 2):
         if not sources:
             raise ValueError("a mixture needs at least one source")
         for source in sources:
@@ -76,74 +95,101 @@ class MixtureLoader:
             raise ValueError("tokens_per_image, max_length, micro_batch_size and shuffle_buffer must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if (image_size is None) == (image_transform is None):
+            raise ValueError("give exactly one of image_size (uint8 pixels) and image_transform")
+        if resize_mode not in RESIZE_MODES or num_workers < 0 or not 0 <= bad_sample_limit <= 1:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, num_workers >= 0, 0 <= bad_sample_limit <= 1")
         template_format(template)  # fail now on an unknown template, not at the first sample
-        self.sources = sources
-        self.shards = [expand_shard_patterns(source.shards) for source in sources]
-        self.tokenizer = tokenizer
-        self.image_transform = image_transform
-        self.template = template
-        self.tokens_per_image = tokens_per_image
-        self.max_length = max_length
-        self.micro_batch_size = micro_batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer = shuffle_buffer
         image_token_id(tokenizer, "<image>")  # fail now if the tokenizer lacks it
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id = pad  # right padding is masked out of the loss and attention, so eos serves as well
-        self._ok = 0
-        self._bad: Counter[str] = Counter()
+        self.sources = sources
+        self.image_mean, self.image_std = image_mean, image_std  # for the caller's `images.normalize`
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.config = WorkerConfig(
+            names=[s.name for s in sources], tasks=[s.task for s in sources], weights=[s.weight for s in sources],
+            shards=[expand_shard_patterns(s.shards) for s in sources],  # a missing local shard fails here
+            tokenizer=tokenizer, template=template, tokens_per_image=tokens_per_image, max_length=max_length,
+            micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size,
+            num_workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer, pad_token_id=pad,
+            image_size=image_size, resize_mode=resize_mode, image_transform=image_transform,
+            max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit)
+        self._worker_states: list[dict | None] = [None] * self.config.num_workers
+        self._batches_returned = 0
+        self._iterator: Iterator[dict] | None = None
+
+    # ------------------------------------------------------------------------------------------- iteration
+
+    def __iter__(self) -> MixtureLoader:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            dataset = _RankBatches(self.config, list(self._worker_states), self._batches_returned)
+            if self.num_workers == 0:  # the same logical workers, taking turns in this process
+                first = self._batches_returned
+                runs = [WorkerBatches(self.config, (first + i) % self.config.num_workers,
+                                      self._worker_states[(first + i) % self.config.num_workers])
+                        for i in range(self.config.num_workers)]
+                self._iterator = (next(run) for run in itertools.cycle(runs))
+            else:
+                self._iterator = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is,
+                                                 num_workers=self.num_workers, persistent_workers=True,
+                                                 prefetch_factor=self.prefetch_factor))
+        batch = next(self._iterator)
+        self._worker_states[batch.pop("_worker")] = batch.pop("_state")
+        for line in batch.pop("_bad_log"):
+            logger.warning("skipping bad sample: %s", line)
+        if "_error" in batch:
+            self.close()
+            raise TooManyBadSamples(batch["_error"])
+        self._batches_returned += 1
+        stats = self.stats
+        if over_bad_limit(stats["bad"], stats["samples"], self.config.bad_sample_limit):
+            self.close()
+            raise TooManyBadSamples(bad_share_message(stats["bad"], stats["samples"], self.config.bad_sample_limit))
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes; the next `next()` starts them again from the current state."""
+        self._iterator = None  # the DataLoader iterator shuts its workers down when collected
 
     @property
     def stats(self) -> dict:
-        return {"samples": self._ok, "bad": dict(self._bad)}
+        """{"samples": good samples in returned batches, "bad": {reason: count}} over every worker so far."""
+        bad: Counter[str] = Counter()
+        samples = 0
+        for state in self._worker_states:
+            if state:
+                samples += state["samples"]
+                bad.update(state["bad"])
+        return {"samples": samples, "bad": dict(bad)}
 
-    def __iter__(self) -> Iterator[dict]:
-        self._ok, self._bad = 0, Counter()
-        streams = [self.examples(index) for index in range(len(self.sources))]
-        weights = [source.weight for source in self.sources]
-        mixture_rng = seeded_rng(self.seed, "mixture", self.rank)
-        while True:
-            picks = mixture_rng.choices(range(len(streams)), weights=weights, k=self.micro_batch_size)
-            yield collate([next(streams[pick]) for pick in picks], self.pad_token_id)
+    # ---------------------------------------------------------------------------------------------- resume
 
-    def raw_samples(self, source_index: int, epoch: int) -> Iterator[RawSample]:
-        """This rank's share of one epoch of the source's raw samples."""
-        shards = list(self.shards[source_index])
-        seeded_rng(self.seed, "shards", source_index, epoch).shuffle(shards)
-        samples = (sample for shard in shards for sample in iter_raw_samples(shard))
-        rng = seeded_rng(self.seed, "buffer", source_index, epoch)
-        for i, sample in enumerate(buffered_shuffle(samples, self.shuffle_buffer, rng)):
-            if i % self.world_size == self.rank:
-                yield sample
+    def state_dict(self) -> dict:
+        """JSON-serialisable position: after `load_state_dict(this)`, the next batch is the one that would have
+        come next. Per worker: next batch index, per source the stream state (unit, sample, byte offset, shuffle
+        block, taken) and the counts. RNGs are derived from (seed, ...) so no RNG state needs saving."""
+        config = self.config
+        return {
+            "version": STATE_VERSION, "seed": config.seed, "rank": config.rank, "world_size": config.world_size,
+            "num_workers": config.num_workers, "sources": list(config.names), "shards": self._shards_fingerprint(),
+            "batches": self._batches_returned, "workers": [dict(s) if s else None for s in self._worker_states],
+        }
 
-    def examples(self, source_index: int) -> Iterator[Example]:
-        """The source's usable examples for this rank, epoch after epoch, forever."""
-        source = self.sources[source_index]
-        for epoch in itertools.count():
-            found = False
-            for raw in self.raw_samples(source_index, epoch):
-                example = self._example(raw, source)
-                if example is not None:
-                    found = True
-                    self._ok += 1
-                    yield example
-            if not found:  # looping again would spin forever
-                raise RuntimeError(f"source {source.name!r} gave rank {self.rank} no usable sample in epoch {epoch}")
+    def _shards_fingerprint(self) -> str:
+        """Hash of every source's expanded shard list: resuming over other shards would not be exact."""
+        return hashlib.sha256(json.dumps(self.config.shards).encode()).hexdigest()[:16]
 
-    def _example(self, raw: RawSample, source: SourceSpec) -> Example | None:
-        try:
-            prepared = prepare_sample(raw, task=source.task, template=self.template,
-                                      eos_token=self.tokenizer.eos_token, tokenizer=self.tokenizer)
-            encoded = encode(prepared.segments, self.tokenizer, tokens_per_image=self.tokens_per_image,
-                             max_length=self.max_length)
-            if encoded is None:
-                raise BadSample("too_long", f"does not fit in {self.max_length} tokens")
-        except BadSample as bad:
-            self._bad[bad.reason] += 1
-            logger.warning("skipping bad sample: shard=%s key=%s %s", raw.shard, raw.key, bad.describe())
-            return None
-        # truncation may drop whole trailing images: keep the pixels of the images still in the tokens
-        images = prepared.images[: encoded.num_images]
-        pixel_values = self.image_transform(images) if images else None  # [n_images, 3, H, W]
-        return Example(key=raw.key, source=source.name, input_ids=encoded.input_ids, labels=encoded.labels,
-                       pixel_values=pixel_values)
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`. Valid before or during iteration (running workers are restarted)."""
+        config = self.config
+        mine = {"version": STATE_VERSION, "seed": config.seed, "rank": config.rank, "world_size": config.world_size,
+                "num_workers": config.num_workers, "sources": list(config.names), "shards": self._shards_fingerprint()}
+        different = [key for key, value in mine.items() if state.get(key) != value]
+        if different:
+            details = ", ".join(f"{key}: saved {state.get(key)!r}, now {mine[key]!r}" for key in different)
+            raise ValueError(f"loader state does not match this loader ({details})")
+        self.close()
+        self._worker_states = [dict(s) if s else None for s in state["workers"]]
+        self._batches_returned = state["batches"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from data_pipelines.images import decode_image
+from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 from data_pipelines.shards import RawSample
 from data_pipelines.templates import IMAGE_PLACEHOLDER, Segment, render
 
@@ -14,7 +14,13 @@ TASK_FIELDS = {"caption": "caption", "vqa": "conversations"}  # task kind -> the
 
 
 class BadSample(Exception):
-    """A sample to skip. `reason` is a short snake_case key for the stats; the message gives details."""
+    """A sample to skip. `reason` is a short snake_case key for the stats; the message gives details.
+
+    Reasons: truncated_shard, unreadable_shard, json_not_utf8, json_invalid, json_missing, image_without_json,
+    duplicate_image_index (from shard_reader); json_no_known_fields, task_mismatch, empty_conversation,
+    malformed_conversation, image_count_mismatch (here); not_an_image, undecodable_image, truncated_image,
+    image_too_large (images); too_long (tokenize: even the image tokens and one target do not fit).
+    """
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason.replace("_", " "))
@@ -42,18 +48,20 @@ def sample_task(meta: dict) -> str | None:
 
 
 def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token: str, tokenizer=None,
-                   decode_images: bool = True) -> PreparedSample:
+                   decode_images: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedSample:
     """Render `raw` with `template`, check its images match its placeholders, decode them. Raises BadSample.
 
     `task` (caption | vqa) is what the source promises; None accepts either (as `data preview` does).
     """
     if raw.error is not None:
-        raise BadSample(raw.error.replace(" ", "_"))
+        raise BadSample(raw.error)
     kind = sample_task(raw.meta)
+    if kind is None:
+        raise BadSample("json_no_known_fields", "sample has neither 'caption' nor 'conversations'")
     if task is not None and kind != task:
         raise BadSample("task_mismatch", f"a {task} source sample needs a {TASK_FIELDS[task]!r} field")
-    if kind is None:
-        raise BadSample("malformed_sample", "sample has neither 'caption' nor 'conversations'")
+    if kind == "vqa" and raw.meta["conversations"] in ([], None, ""):
+        raise BadSample("empty_conversation", "conversations is empty")
     if kind == "caption" and not raw.images:
         raise BadSample("image_count_mismatch", "caption sample without an image")
     try:
@@ -69,7 +77,7 @@ def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token
     if decode_images:
         for index, data in enumerate(raw.images):
             try:
-                images.append(decode_image(data))
-            except ValueError as err:
-                raise BadSample("undecodable_image", f"image {index}: {err}") from None
+                images.append(decode_image(data, max_image_pixels))
+            except ImageError as err:
+                raise BadSample(err.reason, f"image {index}: {err}") from None
     return PreparedSample(key=raw.key, shard=raw.shard, segments=segments, images=images)

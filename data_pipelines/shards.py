@@ -1,4 +1,4 @@
-"""WebDataset tar shards: write them deterministically, find them by pattern, stream them back as raw samples.
+"""WebDataset tar shards: write them deterministically with a manifest, find them by pattern (reading: shard_reader).
 
 A sample is the run of consecutive tar members sharing a key (member name up to the first dot of its basename):
 `KEY.json` plus zero or more images, `KEY.png` for one or `KEY.0.png`, `KEY.1.jpg`, ... for several.
@@ -7,42 +7,42 @@ A sample is the run of consecutive tar members sharing a key (member name up to 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
-import re
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import braceexpand
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from data_pipelines.shard_reader import IMAGE_EXTS, RawSample, is_remote, iter_raw_samples  # noqa: F401 (re-exported)
 
-
-def is_remote(pattern: str) -> bool:
-    return "://" in pattern or pattern.startswith("pipe:")
+MANIFEST = "index.json"
 
 
 # ------------------------------------------------------------------------------------------------------- writing
 
 
 class ShardWriter:
-    """Writes samples into `OUT/<prefix>-000000.tar`, `-000001.tar`, ... with `samples_per_shard` samples each.
+    """Writes samples into `OUT/<prefix>-000000.tar`, `-000001.tar`, ... with `samples_per_shard` samples each,
+    or fewer where a shard would pass `max_shard_bytes` (a sample is never split; one sample may exceed it).
 
     Each shard is written under a hidden temporary name and renamed into place once complete, so a crash never
     leaves a half-written `.tar` under a final name. Tar headers are fixed (mtime 0, uid/gid 0, no user names),
     so the same samples always give byte-identical shards.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int):
+    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int, max_shard_bytes: int | None = None):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
+        self.max_shard_bytes = max_shard_bytes
         self.paths: list[str] = []
+        self.manifest: list[dict] = []  # per finished shard: name, samples, bytes, sha256
         self._tar: tarfile.TarFile | None = None
         self._file: BinaryIO | None = None
         self._tmp_path: Path | None = None
@@ -61,8 +61,6 @@ class ShardWriter:
         """Add one sample: its JSON `meta` and `images` as (extension without dot, raw bytes) in order."""
         if not key or "." in Path(key).name:
             raise ValueError(f"sample key must be non-empty and contain no dot: {key!r}")
-        if self._tar is None:
-            self._open_next()
         members = [(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
         for index, (ext, data) in enumerate(images):
             ext = ext.lower().lstrip(".")
@@ -70,6 +68,11 @@ class ShardWriter:
                 raise ValueError(f"image extension must be one of {IMAGE_EXTS}, got {ext!r}")
             suffix = ext if len(images) == 1 else f"{index}.{ext}"
             members.append((f"{key}.{suffix}", data))
+        size = sum(512 + -(-len(data) // 512) * 512 for _, data in members)  # tar headers + padded data
+        if self._tar is not None and self.max_shard_bytes and self._file.tell() + size > self.max_shard_bytes:
+            self._finish_shard()
+        if self._tar is None:
+            self._open_next()
         for name, data in members:
             self._tar.addfile(_fixed_tarinfo(name, len(data)), io.BytesIO(data))
         self._in_shard += 1
@@ -94,6 +97,8 @@ class ShardWriter:
         final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
         os.replace(self._tmp_path, final)
         self.paths.append(str(final))
+        self.manifest.append({"name": final.name, "samples": self._in_shard, "bytes": final.stat().st_size,
+                              "sha256": file_sha256(final)})
         self._tar = self._file = self._tmp_path = None
 
     def _abort(self) -> None:
@@ -101,6 +106,24 @@ class ShardWriter:
             self._file.close()
             self._tmp_path.unlink(missing_ok=True)
             self._tar = self._file = self._tmp_path = None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(out_dir: str | Path, shards: list[dict], **extra) -> Path:
+    """`OUT/index.json`: {**extra, "shards": [{name, samples, bytes, sha256}, ...]}, replaced atomically, so epoch
+    sizes are known without opening a tar."""
+    path = Path(out_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**extra, "shards": shards}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _fixed_tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -138,110 +161,3 @@ def expand_shard_patterns(patterns: list[str]) -> list[str]:
         seen.update(dict.fromkeys(sorted(matches)))
     return list(seen)
 
-
-# ------------------------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class RawSample:
-    key: str
-    shard: str
-    meta: dict | None = None
-    images: list[bytes] = field(default_factory=list)  # in index order
-    image_exts: list[str] = field(default_factory=list)
-    error: str | None = None  # why this sample cannot be used; None when it can
-
-
-_IMAGE_MEMBER = re.compile(r"^(?:(\d+)\.)?(" + "|".join(IMAGE_EXTS) + r")$", re.IGNORECASE)
-
-
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Records whether the archive's end-of-archive zero block was reached.
-
-    tarfile silently stops at a header cut short or missing, so without this a shard truncated at a member
-    boundary would look complete.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            tar.reached_end_marker = True
-            raise
-
-
-def iter_raw_samples(shard_path: str) -> Iterator[RawSample]:
-    """Stream one shard's samples. Never raises on bad data: problems come back as `RawSample.error`.
-
-    A truncated shard yields the samples before the cut, then one RawSample with error "truncated shard".
-    """
-    try:
-        stream = _open_shard(shard_path)
-    except OSError:
-        yield RawSample(key="", shard=shard_path, error="unreadable shard")
-        return
-    with stream:
-        group: list[tuple[str, bytes]] = []  # (suffix, data) of the current key
-        key = ""
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo)
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, suffix = _split_member_name(member.name)
-                data = tar.extractfile(member).read()
-                if member_key != key and group:
-                    yield _assemble(key, shard_path, group)
-                    group = []
-                key = member_key
-                group.append((suffix, data))
-            truncated = not getattr(tar, "reached_end_marker", False)
-        except (tarfile.TarError, EOFError, OSError):
-            truncated = True
-        if truncated:  # the sample being read at the cut may be incomplete: report it instead of using it
-            yield RawSample(key=key, shard=shard_path, error="truncated shard")
-        elif group:
-            yield _assemble(key, shard_path, group)
-
-
-def _open_shard(path: str) -> BinaryIO:
-    if is_remote(path):
-        import webdataset
-
-        return webdataset.gopen(path, "rb")
-    return open(path, "rb")
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    directory, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), suffix
-
-
-def _assemble(key: str, shard: str, members: list[tuple[str, bytes]]) -> RawSample:
-    sample = RawSample(key=key, shard=shard)
-    indexed: dict[int, tuple[str, bytes]] = {}
-    for suffix, data in members:
-        if suffix.lower() == "json":
-            try:
-                sample.meta = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                sample.error = "bad json"
-            continue
-        match = _IMAGE_MEMBER.match(suffix)
-        if match is None:
-            continue  # members other than json and images are allowed and ignored
-        index = int(match.group(1)) if match.group(1) is not None else 0
-        if index in indexed:
-            sample.error = sample.error or "duplicate image index"
-        indexed[index] = (match.group(2).lower(), data)
-    if sample.error is None and sample.meta is None:
-        sample.error = "missing json"
-    elif sample.error is None and not isinstance(sample.meta, dict):
-        sample.error = "bad json"
-    for index in sorted(indexed):
-        ext, data = indexed[index]
-        sample.image_exts.append(ext)
-        sample.images.append(data)
-    return sample

@@ -27,7 +27,8 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
 
     Each segment is tokenized on its own (without added special tokens) so the target boundary is exact; text
     such as "</s>" inside a segment becomes its special token id. BOS, when the tokenizer has one, is prepended.
-    Longer than `max_length`: cut from the end, unless that cuts through an image's tokens or leaves no target.
+    Longer than `max_length`: cut from the end, only inside text (an image whose tokens the cut would split is dropped
+    whole); None when no target token is left, e.g. when the image tokens alone do not fit.
     """
     image_id = image_token_id(tokenizer, image_token)
     input_ids: list[int] = []
@@ -47,10 +48,12 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
                 input_ids += ids
                 labels += ids if is_target else [IGNORE_INDEX] * len(ids)
     if len(input_ids) > max_length:
-        if any(start < max_length < start + tokens_per_image for start in image_starts):
-            return None
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        image_starts = [start for start in image_starts if start < max_length]
+        cut = max_length
+        for start in image_starts:  # never cut inside an image's tokens: drop that whole image instead
+            if start < cut < start + tokens_per_image:
+                cut = start
+        input_ids, labels = input_ids[:cut], labels[:cut]
+        image_starts = [start for start in image_starts if start < cut]
     if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted (causal shift)
         return None
     return EncodedSample(input_ids=input_ids, labels=labels, num_images=len(image_starts))

@@ -29,7 +29,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from train.run import run
 
-    from train.engine import EXIT_NONFINITE, NonFiniteLimit
+    from data_pipelines.loader import TooManyBadSamples
+    from train.engine import EXIT_BAD_DATA, EXIT_NONFINITE, NonFiniteLimit
     from train.preemption import EXIT_PREEMPTED, Preempted
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -38,6 +39,9 @@ def cmd_train(args) -> int:
     except NonFiniteLimit as err:
         print(f"kakehashi: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except TooManyBadSamples as err:
+        print(f"kakehashi: error: {err}", file=sys.stderr)
+        return EXIT_BAD_DATA
     except Preempted as err:
         print(f"kakehashi: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -161,9 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not require the shards to exist here (data that lives on the training cluster)")
     check.set_defaults(func=cmd_recipe_check)
 
-    from data_pipelines.commands import register
+    from data_pipelines.bench import register as register_data_bench
+    from data_pipelines.commands import register as register_data
 
-    register(commands)
+    register_data(commands)
+    bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
+    register_data_bench(bench.add_subparsers(dest="bench_command", required=True, parser_class=ArgumentParser))
 
     export = commands.add_parser("export", help="export a finished stage as an HF LlavaForConditionalGeneration")
     export.add_argument("run_dir")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipelines.images import normalize
 from train import checkpoint, distributed, faults, preemption
 from train.model import LlavaForTraining
 from train.recipe import Stage, UsageError
@@ -62,6 +63,7 @@ class NonFiniteLimit(Exception):
 
 
 EXIT_NONFINITE = 3
+EXIT_BAD_DATA = 4  # more bad samples than the stage's bad_sample_limit
 
 
 class BatchStream:
@@ -96,11 +98,15 @@ class BatchStream:
 def train_stage(
     llava, stage: Stage, loader, metrics: MetricsLog | None, *, rank: int, world_size: int,
     checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int = 2,
-    max_nonfinite_steps: int = 3, bad_sample_count=lambda: 0,
+    max_nonfinite_steps: int = 3, bad_samples=lambda: {},
 ):
     """Train `llava` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights."""
     import deepspeed
 
+    if stage.lora_components():
+        from train.lora import inject_adapters
+
+        inject_adapters(llava, stage)
     freeze_table = apply_freeze_plan(llava, stage)
     if stage.gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,7 +144,11 @@ def train_stage(
         for batch in micro_batches:
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
             pixels = batch["pixel_values"]
-            micro_loss, _ = engine(**inputs, pixel_values=None if pixels is None else pixels.to(device))
+            if pixels is not None:
+                pixels = pixels.to(device, non_blocking=True)
+                if pixels.dtype == torch.uint8:  # the loader's workers hand over uint8 at the model's input size
+                    pixels = normalize(pixels, loader.image_mean, loader.image_std)
+            micro_loss, _ = engine(**inputs, pixel_values=pixels)
             if step in nan_steps:
                 micro_loss = micro_loss * float("nan")
             engine.backward(micro_loss * scale)
@@ -173,7 +183,7 @@ def train_stage(
                 "target_tokens": int(targets),
                 "tokens_per_s": step_tokens / seconds,
                 "samples_per_s": stage.global_batch_size / seconds,
-                "bad_samples": bad_sample_count(),
+                "bad_samples": bad_samples(),  # {reason: count} on rank 0
             })
         if consecutive_skips >= max_nonfinite_steps:
             raise NonFiniteLimit(
@@ -195,7 +205,7 @@ def train_stage(
     summary = StageSummary(
         stage=stage.name, steps=stage.steps, first_loss=totals["first_loss"], final_loss=loss,
         seconds=time.perf_counter() - resumed_at, samples=totals["samples"], tokens=totals["tokens"],
-        bad_samples=int(distributed.all_reduce_sum(bad_sample_count())),
+        bad_samples=int(distributed.all_reduce_sum(sum(bad_samples().values()))),
         skipped_steps=totals["skipped_steps"],
         trainable={c: r["trainable"] for c, r in freeze_table.items()},
         frozen={c: r["frozen"] for c, r in freeze_table.items()},

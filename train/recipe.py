@@ -152,6 +152,23 @@ class LearningRates(Strict):
     llm: float | None = Field(None, gt=0)
 
 
+class LoraSpec(Strict):
+    """Train a component through LoRA (or DoRA) adapters; its own weights stay frozen and adapters merge at the end."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+    dora: bool = False
+
+
+class StageLora(Strict):
+    vision_encoder: LoraSpec | None = None
+    llm: LoraSpec | None = None
+
+
 class Stage(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     train: list[Component]                             # trained components; the others are frozen
@@ -169,6 +186,9 @@ class Stage(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     save_every: int = Field(0, ge=0)                   # steps between DeepSpeed checkpoints; 0 = stage end only
     log_every: int = Field(1, gt=0)
+    lora: StageLora = StageLora()                      # components trained through adapters (must be in `train`)
+    data_workers: int = Field(2, ge=0)                 # dataloader worker processes per rank (0: in the main one)
+    bad_sample_limit: float = Field(0.01, ge=0, le=1)  # the stage fails when more of the samples read are bad
     data: list[DataSource] = Field(min_length=1)
 
     @field_validator("train")
@@ -189,6 +209,9 @@ class Stage(Strict):
                 problems.append(f"lr.{component} is missing but the stage trains {component}")
             if component not in self.train and lr is not None:
                 problems.append(f"lr.{component} is set but the stage freezes {component}")
+        for component in self.lora_components():
+            if component not in self.train:
+                problems.append(f"lora.{component} is set but the stage freezes {component}")
         if self.global_batch_size % self.micro_batch_size:
             problems.append(
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
@@ -199,6 +222,9 @@ class Stage(Strict):
 
     def trains(self, component: str) -> bool:
         return component in self.train
+
+    def lora_components(self) -> dict[str, LoraSpec]:
+        return {c: spec for c in ("vision_encoder", "llm") if (spec := getattr(self.lora, c)) is not None}
 
 
 class Synthesize(Strict):

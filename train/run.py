@@ -143,17 +143,24 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
         for i, source in enumerate(stage.data)
     ]
     image_processor = processor.image_processor
+    vision = vision_config(recipe.model.vision_encoder)
     return MixtureLoader(
         sources,
         tokenizer=processor.tokenizer,
-        image_transform=lambda images: image_processor(images=images, return_tensors="pt")["pixel_values"],
+        # workers decode and resize to uint8 at the model's input size; the engine normalises on the device
+        image_size=vision.image_size,
+        image_mean=tuple(image_processor.image_mean),
+        image_std=tuple(image_processor.image_std),
+        resize_mode="shortest_edge_crop" if recipe.model.vision_encoder.kind == "clip" else "squash",
         template=recipe.template,
-        tokens_per_image=tokens_per_image(recipe.model.vision_encoder, vision_config(recipe.model.vision_encoder)),
+        tokens_per_image=tokens_per_image(recipe.model.vision_encoder, vision),
         max_length=stage.max_length,
         micro_batch_size=stage.micro_batch_size,
         seed=recipe.seed + index,
         rank=rank,
         world_size=world_size,
+        num_workers=stage.data_workers,
+        bad_sample_limit=stage.bad_sample_limit,
     )
 
 
@@ -199,14 +206,25 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
                 checkpoint_dir=output / "checkpoints" / done.name,
                 resume_from=resume_from if index == first else None,
                 keep_last=recipe.checkpoint.keep_last, max_nonfinite_steps=recipe.max_nonfinite_steps,
-                bad_sample_count=lambda: sum(batches.stats["bad"].values()),
+                bad_samples=lambda: dict(batches.stats["bad"]),
             )
             state = consolidated_state_dict(engine, rank)
             if rank == 0:
                 record = summary_dict(summary)
+                adapters = None
+                if stage.lora_components():  # the stage's weights are plain LLaVA: adapters merged in
+                    from train.lora import merged_state_dict
+
+                    state, adapters = merged_state_dict(
+                        state, lambda: build_model(recipe.model, config, load_weights=False), stage
+                    )
 
                 def write_stage(tmp: Path) -> None:
                     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+                    if adapters is not None:
+                        from train.lora import save_adapters
+
+                        save_adapters(adapters, stage, tmp / "adapters")
                     config.save_pretrained(tmp)
                     (tmp / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
 

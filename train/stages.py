@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 def apply_freeze_plan(model: nn.Module, stage: Stage) -> dict[str, dict[str, int]]:
     """Train exactly the stage's components; freeze the rest. Logs and returns {component: {trainable, frozen}}."""
     table = {}
+    adapters_only = stage.lora_components()
     for component, params in component_parameters(model).items():
-        trains = stage.trains(component)
-        for _, param in params:
-            param.requires_grad_(trains)
-        numel = sum(getattr(p, "ds_numel", p.numel()) for _, p in params)
-        table[component] = {"trainable": numel if trains else 0, "frozen": 0 if trains else numel}
+        for name, param in params:  # a LoRA component trains its adapters only
+            param.requires_grad_(stage.trains(component) and (component not in adapters_only or "lora_" in name))
+        size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 keeps the real size in ds_numel
+        trainable = sum(size(p) for _, p in params if p.requires_grad)
+        table[component] = {"trainable": trainable, "frozen": sum(size(p) for _, p in params) - trainable}
     log.info("stage %s freeze plan:\n%s", stage.name, format_freeze_table(table))
     return table
 

@@ -57,7 +57,7 @@ def test_preview_json_shows_rendered_text_targets_and_bad_samples(tmp_path, caps
          "targets": ["円です。</s>"]},
         {"key": "broken", "error": lines[2]["error"]},
     ]
-    assert lines[2]["error"].startswith("undecodable_image")
+    assert lines[2]["error"].startswith("not_an_image")
     assert "3 sample(s), 1 bad" in captured.err
 
 

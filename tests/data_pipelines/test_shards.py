@@ -1,4 +1,6 @@
+import hashlib
 import io
+import os
 import re
 import tarfile
 
@@ -83,7 +85,7 @@ def test_truncated_shard_yields_good_samples_then_one_error_at_every_cut(tmp_pat
         cut_file.write_bytes(data[:cut])
         samples = list(iter_raw_samples(str(cut_file)))  # must never raise
         good, last = samples[:-1], samples[-1]
-        assert last.error == "truncated shard", cut
+        assert last.error == "truncated_shard", cut
         assert all(s.error is None for s in good)
         assert [s.key for s in good] == [key for key, _, _ in SAMPLES[: len(good)]]
         assert [s.images for s in good] == [[d for _, d in images] for _, _, images in SAMPLES[: len(good)]]
@@ -95,8 +97,8 @@ def test_bad_and_missing_json_are_reported_per_sample(tmp_path):
     path = write_tar(tmp_path / "bad.tar", [("k1.json", b"{not json"), ("k2.png", b"img"), ("k3.json", b'{"caption": "ok"}'),
                                             ("k4.json", b"[1, 2]")])
     samples = list(iter_raw_samples(path))
-    assert [(s.key, s.error) for s in samples] == [("k1", "bad json"), ("k2", "missing json"), ("k3", None),
-                                                    ("k4", "bad json")]
+    assert [(s.key, s.error) for s in samples] == [("k1", "json_invalid"), ("k2", "image_without_json"), ("k3", None),
+                                                    ("k4", "json_invalid")]
 
 
 def test_expand_patterns_braces_globs_order_and_dedup(tmp_path):
@@ -116,3 +118,27 @@ def test_expand_patterns_missing_raises_naming_the_pattern(tmp_path, pattern):
     (tmp_path / "s-000000.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=re.escape(pattern)):
         expand_shard_patterns([f"{tmp_path}/{pattern}"])
+
+
+def test_reading_from_any_sample_offset_gives_the_rest_and_keep_filters(tmp_path):
+    (path,) = write(tmp_path, per_shard=len(SAMPLES))
+    full = list(iter_raw_samples(path))
+    assert [s.index for s in full] == list(range(len(SAMPLES)))
+    for sample in full:
+        rest = list(iter_raw_samples(path, sample.index + 1, sample.end_offset))
+        expected = full[sample.index + 1:]
+        assert [(s.key, s.index, s.images) for s in rest] == [(s.key, s.index, s.images) for s in expected]
+    assert [s.key for s in iter_raw_samples(path, keep=lambda i: i % 2 == 1)] == ["a1", "a3"]
+    assert [s.key for s in iter_raw_samples(path, start_index=3)] == ["a3", "a4"]  # by count when no offset
+
+
+def test_writer_splits_by_bytes_and_records_the_manifest(tmp_path):
+    big = [(f"b{i}", {"caption": "c"}, [("png", bytes([i]) * 3000)]) for i in range(5)]
+    with ShardWriter(tmp_path, "big", 100, max_shard_bytes=10000) as writer:
+        for key, meta, images in big:
+            writer.write(key, meta, images)
+    assert [entry["samples"] for entry in writer.manifest] == [2, 2, 1]
+    for entry, path in zip(writer.manifest, writer.paths):
+        assert entry["bytes"] == os.path.getsize(path) and entry["name"] == os.path.basename(path)
+        assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert [s.key for s in read_all(writer.paths)] == [f"b{i}" for i in range(5)]

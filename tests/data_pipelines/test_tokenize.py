@@ -87,3 +87,12 @@ def test_collate_pads_right_and_concatenates_images():
     assert batch["num_target_tokens"] == 2 + 1 + 3
     assert batch["keys"] == ["a", "b", "c"] and batch["sources"] == ["s1", "s2", "s1"]
     assert collate(examples[1:2], pad_token_id=3)["pixel_values"] is None
+
+
+def test_a_cut_inside_a_later_image_drops_that_image_and_keeps_the_earlier_text(tiny_tokenizer):
+    segments = [Segment("<image>\n", False), Segment("赤色です。", True), Segment("<image>\n", False),
+                Segment("円です。", True)]
+    full = encode(segments, tiny_tokenizer, tokens_per_image=4, max_length=512)
+    second_image = full.input_ids.index(IMAGE_ID, 5)
+    cut = encode(segments, tiny_tokenizer, tokens_per_image=4, max_length=second_image + 2)  # inside image 2
+    assert cut.num_images == 1 and cut.input_ids == full.input_ids[:second_image]

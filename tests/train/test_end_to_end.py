@@ -105,3 +105,19 @@ def test_chat_command(tiny_run, tmp_path):
     result = kakehashi("chat", tiny_run[1] / "export", "--image", image_path, "--prompt", "この図形は何色ですか？")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("青色")
+
+
+def test_training_survives_every_kind_of_bad_sample_and_reports_them(tmp_path):
+    from data_pipelines.testing import write_bad_shards
+    from tests.train.conftest import short_recipe
+
+    paths, expected = write_bad_shards(tmp_path / "bad", good=20, max_length=128, tokens_per_image=16)
+    recipe = short_recipe(tmp_path, steps=(2, 8), stage_fields={"bad_sample_limit": 0.5})
+    result = kakehashi("train", recipe, "--output", tmp_path / "run", "--no-export",
+                       "--set", f"stages.1.data.1.shards={tmp_path / 'bad'}/bad-*.tar")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "stages" / "02-instruct" / "summary.json").read_text())
+    assert summary["bad_samples"] >= sum(expected.values())  # at least one full pass over the bad shards
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(last["bad_samples"]) == set(expected), (last["bad_samples"], expected)
+    assert f"{summary['bad_samples']} bad samples skipped" in result.stdout

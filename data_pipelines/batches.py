@@ -1,0 +1,160 @@
+"""Worker side of the loader: one logical worker's micro-batches, built whole from its own slice of every source.
+
+Logical worker w of W on rank r makes micro-batches w, w+W, w+2W, ... of that rank; its source streams read
+slot r*W + w of every source (see streams). Micro-batch k draws its sources by weight from a RNG seeded by
+(seed, rank, k), so the batch sequence depends only on the arguments, never on worker timing. Each batch carries
+the worker's state after it, which is what MixtureLoader.state_dict saves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from data_pipelines.collate import collate
+from data_pipelines.example import Example
+from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
+from data_pipelines.samples import BadSample, prepare_sample
+from data_pipelines.shard_reader import RawSample
+from data_pipelines.streams import SourceStream, StreamState, UnitPlan, seeded_rng
+from data_pipelines.tokenize import encode
+
+logger = logging.getLogger("data_pipelines.loader")
+MIN_SAMPLES_FOR_BAD_LIMIT = 100  # judge the bad share only once it means something
+
+
+class TooManyBadSamples(Exception):
+    """The share of bad samples read passed the loader's `bad_sample_limit`. The message is one line."""
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs; picklable apart from what the caller passes (tokenizer, image_transform)."""
+
+    names: list[str]
+    tasks: list[str]
+    weights: list[float]
+    shards: list[list[str]]
+    tokenizer: object
+    template: str
+    tokens_per_image: int
+    max_length: int
+    micro_batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers per rank (>= 1; 1 when the DataLoader runs in-process)
+    shuffle_buffer: int
+    pad_token_id: int
+    image_size: int | None = None
+    resize_mode: ResizeMode = "squash"
+    image_transform: Callable[[list[Image.Image]], torch.Tensor] | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    bad_sample_limit: float = 0.01
+
+
+@dataclass
+class WorkerState:
+    next_batch: int  # rank-local index of the worker's next micro-batch
+    streams: list[dict]  # StreamState per source, as dicts
+    samples: int = 0  # good samples this worker put into batches
+    bad: dict[str, int] = field(default_factory=dict)  # reason -> count, of samples this worker read
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bad_share_message(bad: dict[str, int], good: int, limit: float) -> str:
+    read = good + sum(bad.values())
+    reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(bad.items()))
+    return (f"{sum(bad.values())} of {read} samples read were bad ({sum(bad.values()) / max(read, 1):.1%}, "
+            f"limit {limit:.1%}): {reasons}")
+
+
+def over_bad_limit(bad: dict[str, int], good: int, limit: float) -> bool:
+    read = good + sum(bad.values())
+    return read >= MIN_SAMPLES_FOR_BAD_LIMIT and sum(bad.values()) > limit * read
+
+
+class WorkerBatches:
+    """Endless iterator of logical worker `worker`'s collated micro-batches (see the module docstring)."""
+
+    def __init__(self, config: WorkerConfig, worker: int, state: dict | None = None):
+        self.config, self.worker = config, worker
+        slots = config.world_size * config.num_workers
+        slot = config.rank * config.num_workers + worker
+        state = WorkerState(**state) if state else WorkerState(next_batch=worker, streams=[{}] * len(config.names))
+        self.next_batch, self.samples, self.bad = state.next_batch, state.samples, Counter(state.bad)
+        self.streams = [
+            SourceStream(UnitPlan(shards, seed=config.seed, source_index=index, num_slots=slots), slot,
+                         config.shuffle_buffer, StreamState(**stream_state) if stream_state else None)
+            for index, (shards, stream_state) in enumerate(zip(config.shards, state.streams))
+        ]
+        self.units_at_good = [stream.units_read for stream in self.streams]
+        self.bad_log: list[str] = []
+
+    def state(self) -> WorkerState:
+        return WorkerState(next_batch=self.next_batch, streams=[asdict(s.state()) for s in self.streams],
+                           samples=self.samples, bad=dict(self.bad))
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        config = self.config
+        picks = seeded_rng(config.seed, "mixture", config.rank, self.next_batch).choices(
+            range(len(config.names)), weights=config.weights, k=config.micro_batch_size)
+        batch = collate([self.next_example(pick) for pick in picks], config.pad_token_id)
+        self.next_batch += config.num_workers
+        batch.update(_worker=self.worker, _state=self.state().to_dict(), _bad_log=self.bad_log)
+        self.bad_log = []
+        return batch
+
+    def next_example(self, source: int) -> Example:
+        """The source's next usable example; bad ones on the way are counted and logged."""
+        stream = self.streams[source]
+        while True:
+            raw = next(stream)
+            try:
+                example = self.build_example(raw, source)
+            except BadSample as bad:
+                self.bad[bad.reason] += 1
+                self.bad_log.append(f"shard={raw.shard} key={raw.key} {bad.describe()}")
+                if over_bad_limit(self.bad, self.samples, self.config.bad_sample_limit):
+                    raise TooManyBadSamples(bad_share_message(self.bad, self.samples, self.config.bad_sample_limit))
+                if stream.units_read - self.units_at_good[source] > stream.plan.units_per_epoch + stream.block_size:
+                    raise RuntimeError(f"source {self.config.names[source]!r} gave rank {self.config.rank} worker "
+                                       f"{self.worker} no usable sample in a whole epoch")
+                continue
+            self.samples += 1
+            self.units_at_good[source] = stream.units_read
+            return example
+
+    def build_example(self, raw: RawSample, source: int) -> Example:
+        """Check, render, tokenize and decode one raw sample. Raises BadSample."""
+        config = self.config
+        prepared = prepare_sample(raw, task=config.tasks[source], template=config.template,
+                                  eos_token=config.tokenizer.eos_token, tokenizer=config.tokenizer,
+                                  decode_images=False)
+        encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=config.tokens_per_image,
+                         max_length=config.max_length)
+        if encoded is None:
+            raise BadSample("too_long", f"no target token fits in {config.max_length} tokens")
+        images = raw.images[: encoded.num_images]  # truncation may drop whole trailing images
+        pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
+        try:
+            if images and config.image_size is not None:
+                pixel_values = torch.stack([load_pixels(data, config.image_size, config.resize_mode,
+                                                        config.max_image_pixels) for data in images])
+            elif images:
+                pixel_values = config.image_transform([decode_image(data, config.max_image_pixels)
+                                                       for data in images])
+        except ImageError as err:
+            raise BadSample(err.reason, str(err)) from None
+        return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
+                       labels=encoded.labels, pixel_values=pixel_values)

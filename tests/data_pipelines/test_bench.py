@@ -1,0 +1,39 @@
+import argparse
+import json
+
+from PIL import Image
+
+from data_pipelines.bench import photo_jpeg, register
+from data_pipelines.shards import iter_raw_samples
+
+
+def run_bench(argv):
+    parser = argparse.ArgumentParser(prog="kakehashi bench")
+    register(parser.add_subparsers(dest="bench_command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_bench_data_measures_both_paths_on_synthetic_photos(tmp_path, capsys):
+    # --workers 1: a worker process, so the test process is not pinned to one core as --workers 0 would do
+    assert run_bench(["data", "--synth", str(tmp_path), "--synth-samples", "12", "--samples", "8",
+                      "--image-size", "64", "--workers", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples_per_s"] > 0 and report["baseline_samples_per_s"] > 0
+    assert report["ratio"] == round(report["samples_per_s"] / report["baseline_samples_per_s"], 2)
+    samples = [s for path in sorted(tmp_path.glob("photos-*.tar")) for s in iter_raw_samples(str(path))]
+    assert len(samples) == 12 and samples[0].image_exts == ["jpg"]
+    assert (tmp_path / "index.json").is_file()
+
+
+def test_synthetic_photos_look_like_photos():
+    import io
+
+    import numpy as np
+
+    data = photo_jpeg(np.random.default_rng(1))
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (640, 480) and image.format == "JPEG"
+    assert 40_000 < len(data) < 200_000  # noisy, textured content: not a flat image that compresses to nothing
+    pixels = np.asarray(image).astype(int)
+    assert pixels.std() > 20
