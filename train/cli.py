@@ -142,6 +142,17 @@ def cmd_shapes_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from train.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a kakehashi run (no metrics.jsonl)")
+    out = write_report(run_dir)
+    print(f"report: {out / 'summary.md'} and {len(list(out.glob('*.png')))} plot(s) in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="kakehashi", description="Train Japanese vision-language models in recipe-driven stages.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -172,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     register_data_bench(bench.add_subparsers(dest="bench_command", required=True, parser_class=ArgumentParser))
 
+    from train.submit import register as register_submit
+
+    register_submit(commands)
+
     export = commands.add_parser("export", help="export a finished stage as an HF LlavaForConditionalGeneration")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
@@ -185,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", required=True)
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(func=cmd_chat)
+
+    report = commands.add_parser("report", help="plots and a markdown summary of a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
 
     shapes = commands.add_parser("shapes-eval", help="score an export on freshly drawn synthetic shapes")
     shapes.add_argument("model")

@@ -198,7 +198,9 @@ def train_stage(
             totals["seconds"] = time.perf_counter() - resumed_at
             rank_state = {"data": batches.state_dict(), "totals": dict(totals)}
             checkpoint.save(engine, checkpoint_dir, step, rank_state, rank=rank, keep_last=keep_last, stage=stage.name)
-        if stop:
+        if stop and step < stage.steps:  # at a stage's last step the stage finishes; the next one stops at step 1
+            if hasattr(loader, "close"):
+                loader.close()  # stop the dataloader workers before Slurm's SIGTERM reaches them
             raise preemption.Preempted(f"stage {stage.name}: stopped at step {step} on request; checkpoint saved")
     progress.close()
 

@@ -29,8 +29,11 @@ def export_stage(run_dir: Path, stage_path: Path, out: Path, force: bool = False
     processor = LlavaProcessor.from_pretrained(run_dir / "processor")
 
     def write(tmp: Path) -> None:
+        from train.report import model_card
+
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(run_dir), encoding="utf-8")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_dir(out, write)

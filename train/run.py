@@ -172,8 +172,8 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
     from train.engine import MetricsLog, consolidated_state_dict, summary_dict, train_stage
     from train.model import build_model, llava_config
 
+    preemption.install_handlers()  # before the rendezvous: a signal then must not kill the process outright
     rank, world_size = distributed.init_distributed()
-    preemption.install_handlers()
     try:
         if rank == 0:
             prepare_output(output, recipe, force, resume)

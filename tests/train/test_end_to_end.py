@@ -121,3 +121,21 @@ def test_training_survives_every_kind_of_bad_sample_and_reports_them(tmp_path):
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(last["bad_samples"]) == set(expected), (last["bad_samples"], expected)
     assert f"{summary['bad_samples']} bad samples skipped" in result.stdout
+
+
+def test_report_writes_plots_a_summary_and_the_export_has_a_model_card(tiny_run):
+    from PIL import Image
+
+    _, run, _ = tiny_run
+    result = kakehashi("report", run)
+    assert result.returncode == 0, result.stderr
+    for stage in ("align", "instruct"):
+        with Image.open(run / "report" / f"{stage}.png") as plot:
+            assert plot.format == "PNG" and plot.width >= 500 and plot.height >= 400
+            colours = plot.convert("RGB").getcolors(maxcolors=1 << 16)
+            assert colours is None or len(colours) > 10  # lines and labels drawn, not a blank canvas
+    summary = (run / "report" / "summary.md").read_text()
+    assert "| align | projector | 60 |" in summary and "![instruct](instruct.png)" in summary
+    card = (run / "export" / "README.md").read_text()
+    assert "# tiny-asagi-2stage" in card and "**instruct**: trains projector, llm" in card
+    assert kakehashi("report", run / "nope").returncode == 2
