@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from train.recipe import COMPONENTS, IMAGE_TOKEN, RecipeError, UsageError, load_recipe
+from train.recipe import COMPONENTS, IMAGE_TOKEN, TEMPLATES, RecipeError, UsageError, load_recipe
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -142,6 +142,30 @@ def cmd_shapes_eval(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from train.evaluate import evaluate
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not an exported model (no config.json)")
+    template = args.template
+    if template is None:
+        info = model_dir / "kakehashi.json"
+        if not info.is_file():
+            raise UsageError(f"{model_dir} does not say its template (no kakehashi.json); pass --template")
+        template = json.loads(info.read_text())["template"]
+    report = evaluate(model_dir, args.data, template, max_samples=args.max_samples)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        judge = "" if report["judge"] is None else f", judge {report['judge']:.2f}"
+        print(f"loss {report['loss']:.4f} over {report['samples']} samples ({report['bad_samples']} bad); "
+              f"VQA ({report['vqa_samples']}): exact match {report['exact_match']:.1%}, ROUGE-L {report['rouge_l']:.3f}{judge}")
+        for source, loss in report["loss_by_source"].items():
+            print(f"  {source}: loss {loss:.4f}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from train.report import write_report
 
@@ -200,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", required=True)
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(func=cmd_chat)
+
+    evaluation = commands.add_parser("eval", help="validation loss per source, exact match and ROUGE-L on VQA")
+    evaluation.add_argument("model", help="an export directory")
+    evaluation.add_argument("--data", nargs="+", required=True, metavar="SHARD")
+    evaluation.add_argument("--template", choices=TEMPLATES, help="default: the export's own (kakehashi.json)")
+    evaluation.add_argument("--max-samples", type=int, default=200)
+    evaluation.add_argument("--json", action="store_true")
+    evaluation.set_defaults(func=cmd_eval)
 
     report = commands.add_parser("report", help="plots and a markdown summary of a run")
     report.add_argument("run_dir")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import yaml
 
 from safetensors.torch import load_file
 
@@ -34,6 +37,9 @@ def export_stage(run_dir: Path, stage_path: Path, out: Path, force: bool = False
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(run_dir), encoding="utf-8")
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        info = {"recipe": recipe["name"], "template": recipe["template"], "stage": stage_path.name}
+        (tmp / "kakehashi.json").write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_dir(out, write)

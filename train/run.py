@@ -35,7 +35,8 @@ def is_complete(path: Path) -> bool:
     return (path / "summary.json").is_file()
 
 
-RUN_ENTRIES = ("recipe.yaml", "processor", "cache", "metrics.jsonl", "stages", "checkpoints", "export")
+RUN_ENTRIES = ("recipe.yaml", "processor", "cache", "metrics.jsonl", "stages", "checkpoints", "export", "wandb",
+               "wandb.json", "report")
 
 
 def prepare_output(output: Path, recipe: Recipe, force: bool, resume: str) -> None:
@@ -184,7 +185,7 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
         processor = LlavaProcessor.from_pretrained(output / "processor")
         tokenizer = processor.tokenizer
         config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        metrics = MetricsLog(output / "metrics.jsonl", wandb_run=_wandb_run(recipe, output)) if rank == 0 else None
+        metrics = MetricsLog(output / "metrics.jsonl") if rank == 0 else None
         first, resume_from = resume_point(output, recipe, resume)
 
         summaries, previous = [], None
@@ -201,6 +202,8 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
             if previous is not None:  # a stage starts from the previous stage's final weights
                 llava.load_state_dict(load_file(previous / "model.safetensors"))
             batches = stage_batches(recipe, index, processor, rank, world_size)
+            if metrics is not None:
+                metrics.wandb_run = _wandb_run(recipe, stage, output)
             engine, summary = train_stage(
                 llava, stage, batches, metrics, rank=rank, world_size=world_size,
                 checkpoint_dir=output / "checkpoints" / done.name,
@@ -231,6 +234,8 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
                 atomic_write_dir(done, write_stage)
                 print(format_summary(index, len(recipe.stages), record), flush=True)
                 summaries.append(record)
+            if metrics is not None and metrics.wandb_run is not None:
+                metrics.wandb_run.finish()
             distributed.barrier()
             del engine, llava, state
             previous = done
@@ -261,14 +266,24 @@ def format_summary(index: int, total: int, s: dict) -> str:
     )
 
 
-def _wandb_run(recipe: Recipe, output: Path):
-    """wandb only when the recipe configures it; WANDB_MODE (offline, disabled) is respected by wandb itself."""
+def _wandb_run(recipe: Recipe, stage: Stage, output: Path):
+    """One wandb run per stage (job type = stage, group = recipe), only when the recipe configures wandb.
+
+    The run id is kept in OUTPUT/wandb.json, so a resumed or requeued job continues the same wandb run;
+    WANDB_MODE (offline, disabled) is respected by wandb itself.
+    """
     if not recipe.wandb:
         return None
+    import uuid
+
     import wandb
 
-    return wandb.init(dir=str(output), group=recipe.name, name=recipe.name, config=recipe.model_dump(mode="json"),
-                      **recipe.wandb)
+    ids_path = output / "wandb.json"
+    ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    run_id = ids.setdefault(stage.name, uuid.uuid4().hex[:16])
+    ids_path.write_text(json.dumps(ids, indent=2) + "\n")
+    settings = {"group": recipe.name, "job_type": stage.name, "name": f"{recipe.name}/{stage.name}", **recipe.wandb}
+    return wandb.init(dir=str(output), id=run_id, resume="allow", config=recipe.model_dump(mode="json"), **settings)
 
 
 __all__ = ["run", "RecipeError", "UsageError"]

@@ -139,3 +139,25 @@ def test_report_writes_plots_a_summary_and_the_export_has_a_model_card(tiny_run)
     card = (run / "export" / "README.md").read_text()
     assert "# tiny-asagi-2stage" in card and "**instruct**: trains projector, llm" in card
     assert kakehashi("report", run / "nope").returncode == 2
+
+
+def test_eval_reports_loss_exact_match_rouge_and_the_judge(tiny_run):
+    from tests.train.test_evaluate import StubJudge
+    import threading
+    from http.server import HTTPServer
+
+    workdir, run, _ = tiny_run
+    server = HTTPServer(("127.0.0.1", 0), StubJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = kakehashi("eval", run / "export", "--data", workdir / "data/tiny-shapes/vqa-000005.tar",
+                           "--max-samples", "30", "--json",
+                           env={"KAKEHASHI_JUDGE_URL": f"http://127.0.0.1:{server.server_port}/v1"})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["samples"] == 30 and report["vqa_samples"] >= 20
+    assert 0 < report["loss"] < 2 and set(report["loss_by_source"]) == {"synth-shapes"}
+    assert report["exact_match"] >= 0.5 and report["rouge_l"] >= report["exact_match"]
+    assert report["judge"] == 8.0

@@ -1,5 +1,6 @@
 """Reliability through the real command: kill -9 and resume, torn checkpoints, non-finite steps, safe loading."""
 
+import json
 import os
 import pickle
 import re
@@ -89,7 +90,6 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
     run = tmp_path / "run"
     result = torchrun(recipe, run, "--no-export", env={"KAKEHASHI_FAULT_NAN": "1:3"})
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     skipped = [(r["stage"], r["step"]) for r in records if r["skipped"]]
@@ -182,3 +182,18 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory):
     assert full.returncode == 0, full.stderr[-3000:]
     after = [loss for (stage, step), loss in losses(run).items() if stage == "instruct" and step > 4]
     assert len(after) == 2 and all(loss == loss and loss < 10 for loss in after)
+
+
+def test_wandb_offline_one_run_per_stage_continued_after_a_kill(tmp_path):
+    recipe = short_recipe(tmp_path, steps=(2, 6), save_every=2, wandb={"project": "kakehashi-test"})
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    killed = kakehashi("train", recipe, "--output", run, "--no-export", env={**env, "KAKEHASHI_FAULT_KILL": "after_step:instruct:5"})
+    assert killed.returncode == -9
+    ids = json.loads((run / "wandb.json").read_text())
+    assert set(ids) == {"align", "instruct"} and ids["align"] != ids["instruct"]
+    assert kakehashi("train", recipe, "--output", run, "--no-export", env=env).returncode == 0
+    assert json.loads((run / "wandb.json").read_text()) == ids  # the resumed stage kept its run
+    offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert sum(name.endswith(ids["instruct"]) for name in offline_runs) == 2  # the same run id, before and after
+    assert sum(name.endswith(ids["align"]) for name in offline_runs) == 1
