@@ -161,3 +161,23 @@ def test_eval_reports_loss_exact_match_rouge_and_the_judge(tiny_run):
     assert 0 < report["loss"] < 2 and set(report["loss_by_source"]) == {"synth-shapes"}
     assert report["exact_match"] >= 0.5 and report["rouge_l"] >= report["exact_match"]
     assert report["judge"] == 8.0
+
+
+def test_stages_chain_bit_exactly_and_frozen_components_never_move(tiny_run):
+    """Stage 1 froze vision and LLM (bit-identical to the seeded init); stage 2 froze vision (identical again)."""
+    from train.model import build_model, component_parameters
+    from transformers import LlavaConfig
+    from train.recipe import load_recipe
+
+    _, run, _ = tiny_run
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    torch.manual_seed(recipe.seed)  # as the run did before building stage 1's model
+    initial = build_model(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align")).state_dict()
+    align = load_file(run / "stages" / "01-align" / "model.safetensors")
+    instruct = load_file(run / "stages" / "02-instruct" / "model.safetensors")
+    names = {c: [n for n, _ in ps] for c, ps in component_parameters(build_model(
+        recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align"), load_weights=False)).items()}
+    assert all(torch.equal(align[n], initial[n]) for n in names["vision_encoder"] + names["llm"])
+    assert not all(torch.equal(align[n], initial[n]) for n in names["projector"])
+    assert all(torch.equal(instruct[n], align[n]) for n in names["vision_encoder"])
+    assert not all(torch.equal(instruct[n], align[n]) for n in names["llm"])
