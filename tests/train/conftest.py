@@ -17,8 +17,16 @@ VOCAB = 300
 
 @pytest.fixture(scope="session")
 def world():
-    """A real (gloo) process group of one for in-process DeepSpeed engines."""
+    """A real (gloo) process group of one for in-process DeepSpeed engines.
+
+    init_distributed writes RANK, MASTER_PORT, ... into os.environ; they are taken out again once the group exists
+    (but LOCAL_RANK), or every `kakehashi` / torchrun subprocess a later test starts would inherit them and try to
+    bind this group's port (EADDRINUSE).
+    """
+    before = dict(os.environ)
     rank, world_size = distributed.init_distributed()
+    for key in set(os.environ) - set(before) - {"LOCAL_RANK"}:  # DeepSpeed's engine reads LOCAL_RANK at initialize
+        del os.environ[key]
     yield rank, world_size
     distributed.close()
 
