@@ -139,26 +139,61 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dict:
     """Restore engine (model, optimizer, scheduler) and RNG; returns this rank's state.
 
-    On another number of ranks than it was saved on (ZeRO-0/1/2: the model states file holds the whole model), the
-    weights, step and learning-rate schedule carry over, the data position by sample count (rank 0's state is
-    returned), and AdamW's moments start again: re-sharding them is not implemented yet.
+    On another number of ranks than it was saved on (elastic resume; ZeRO-0/1/2), the weights, optimizer state
+    (re-sharded), step and learning-rate schedule carry over, and the data position by sample count (rank 0's state
+    is returned); the RNG streams of other ranks do not.
     """
     verify_checkpoint(path)
     saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
-    if saved_world == world_size:
+    if saved_world == world_size or zero_stage == 0:  # ZeRO-0 keeps the whole optimizer in the model states file
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = torch.load(path / f"kakehashi-rank{rank:05d}.pt", map_location="cpu", weights_only=True)
-        set_rng_state(state["rng"])
+        same_world = saved_world == world_size
+        state = torch.load(path / f"kakehashi-rank{rank if same_world else 0:05d}.pt", map_location="cpu", weights_only=True)
+        if same_world:
+            set_rng_state(state["rng"])
         return state
     if zero_stage == 3:
         raise UsageError(f"{path} was saved on {saved_world} ranks with ZeRO-3; resume it on {saved_world} ranks "
                          f"(re-sharding ZeRO-3 state is not supported yet), or train with ZeRO-0/1/2 for elastic resume")
-    log.warning("%s was saved on %d ranks; resuming on %d: weights, step, schedule and data position (by sample "
-                "count) carry over; optimizer moments restart", path, saved_world, world_size)
+    log.warning("%s was saved on %d ranks; resuming on %d: weights, optimizer state (re-sharded), step, schedule and "
+                "data position (by sample count) carry over", path, saved_world, world_size)
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
     model_states = next(path.glob("*model_states.pt"))
     scheduler_state = torch.load(model_states, map_location="cpu", weights_only=True)["lr_scheduler"]
     engine.lr_scheduler.load_state_dict(scheduler_state)
+    reshard_zero12_optimizer(engine.optimizer, path, saved_world, rank)
     state = torch.load(path / "kakehashi-rank00000.pt", map_location="cpu", weights_only=True)
     engine.global_steps = state["step"]
     return state
+
+
+def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank: int) -> None:
+    """Load a ZeRO-1/2 optimizer saved on `saved_world` ranks into this rank's partitions of another world size.
+
+    ZeRO-1/2 keep, per parameter group, one flat fp32 vector (master weights, and AdamW's exp_avg / exp_avg_sq) cut
+    into equal partitions, the last one padded. The saved partitions, joined and unpadded, are the whole group;
+    this rank takes its slice of that at its own partition size, zero-padded past the end.
+    """
+    with torch.serialization.safe_globals(_safe_globals()):
+        saved = [torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
+                            weights_only=True)["optimizer_state_dict"] for r in range(saved_world)]
+    for group, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        padding = sum(s["group_paddings"][group] for s in saved)
+
+        def whole(parts: list[torch.Tensor], padded: bool) -> torch.Tensor:
+            joined = torch.cat(parts)
+            return joined[: joined.numel() - padding] if padded and padding else joined
+
+        def my_slice(full: torch.Tensor) -> torch.Tensor:
+            piece = torch.zeros(flat.numel(), dtype=flat.dtype)
+            chunk = full[rank * flat.numel(): (rank + 1) * flat.numel()]
+            piece[: chunk.numel()] = chunk
+            return piece.to(flat.device)
+
+        with torch.no_grad():  # master weights are saved without padding
+            flat.copy_(my_slice(whole([s["single_partition_of_fp32_groups"][group] for s in saved], padded=False)))
+        moments = [s["base_optimizer_state"]["state"][group] for s in saved]
+        state = zero_optimizer.optimizer.state[flat]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = my_slice(whole([m[key] for m in moments], padded=True))
+        state["step"] = moments[0]["step"].clone()
