@@ -25,7 +25,6 @@ from data_pipelines.batches import (TooManyBadSamples, WorkerBatches, WorkerConf
                                     over_bad_limit)
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
 from data_pipelines.shards import expand_shard_patterns
-from data_pipelines.streams import seeded_rng  # noqa: F401 (re-exported: older callers import it from here)
 from data_pipelines.templates import template_format
 from data_pipelines.tokenize import image_token_id
 

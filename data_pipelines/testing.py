@@ -86,7 +86,6 @@ def write_bad_shards(out: str | Path, good: int = 20, max_length: int = 64, toke
         ("toolong", conversation(images=many_images), [(f"{i}.png", png_bytes()) for i in range(many_images)],
          "too_long"),
     ]
-    good_samples = [(f"good{i:06d}", i) for i in range(good)]
     first = out / "bad-000000.tar"
     with tarfile.open(first, "w", format=tarfile.PAX_FORMAT) as tar:
         for i in range(max(good, len(per_sample_bad))):  # interleaved, so a small shuffle block meets them early

@@ -1,4 +1,4 @@
-"""Answer one prompt about one image from an export, with plain transformers."""
+"""Answer a prompt about images from an export, with plain transformers."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ def load_export(model_dir):
 
 
 @torch.no_grad()
-def answer(model, processor, image, prompt: str, max_new_tokens: int = 32) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=text, return_tensors="pt")
+def answer(model, processor, images: list, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer to one user turn: the images first (as in training data), then the prompt."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images or None, text=text, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -113,25 +113,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_dir(path: str) -> Path:
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not an exported model (no config.json)")
+    return Path(path)
+
+
 def cmd_chat(args) -> int:
     from PIL import Image
 
     from train.chat import answer, load_export
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model} is not an exported model (no config.json)")
+    model_dir = _export_dir(args.model)
     image = Image.open(args.image).convert("RGB")
-    model, processor = load_export(args.model)
-    print(answer(model, processor, image, args.prompt, args.max_new_tokens))
+    model, processor = load_export(model_dir)
+    print(answer(model, processor, [image], args.prompt, args.max_new_tokens))
     return 0
 
 
 def cmd_shapes_eval(args) -> int:
     from train.shapes_eval import shapes_accuracy
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model} is not an exported model (no config.json)")
-    report = shapes_accuracy(args.model, samples=args.samples, seed=args.seed)
+    report = shapes_accuracy(_export_dir(args.model), samples=args.samples, seed=args.seed)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -145,9 +148,7 @@ def cmd_shapes_eval(args) -> int:
 def cmd_eval(args) -> int:
     from train.evaluate import evaluate
 
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not an exported model (no config.json)")
+    model_dir = _export_dir(args.model)
     template = args.template
     if template is None:
         info = model_dir / "kakehashi.json"

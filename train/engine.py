@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -231,7 +231,3 @@ def consolidated_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None
             if rank == 0:
                 state[name] = param.detach().cpu().clone()
     return state if rank == 0 else None
-
-
-def summary_dict(summary: StageSummary) -> dict:
-    return asdict(summary)

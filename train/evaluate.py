@@ -71,11 +71,11 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
     from data_pipelines.samples import BadSample, prepare_sample
     from data_pipelines.templates import conversation_turns
     from data_pipelines.tokenize import encode
-    from train.chat import load_export
+    from train.chat import answer, load_export
 
     model, processor = load_export(model_dir)
     tokenizer = processor.tokenizer
-    tokens_per_image = processor(images=[_blank(processor)], text="<image>", return_tensors="pt")["input_ids"].eq(
+    tokens_per_image = processor(images=[_blank()], text="<image>", return_tensors="pt")["input_ids"].eq(
         model.config.image_token_index).sum().item()
     judge_url = os.environ.get("KAKEHASHI_JUDGE_URL")
     loss_sum, loss_count = defaultdict(float), defaultdict(int)
@@ -102,12 +102,13 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
 
         if "conversations" in raw.meta:  # generation metrics on the first turn of each VQA sample
             question, reference = conversation_turns(raw.meta["conversations"])[0]
-            answer = _generate(model, processor, question, prepared.images[: question.count("<image>")], max_new_tokens)
+            prompt = question.replace("<image>", "").strip()
+            said = answer(model, processor, prepared.images[: question.count("<image>")], prompt, max_new_tokens)
             generation["samples"] += 1
-            generation["exact_match"] += float(answer.strip() == reference.strip())
-            generation["rouge_l"] += rouge_l(answer.strip(), reference.strip())
+            generation["exact_match"] += float(said == reference.strip())
+            generation["rouge_l"] += rouge_l(said, reference.strip())
             if judge_url:
-                generation["judge"].append(judge_score(question.replace("<image>", "").strip(), reference, answer, judge_url))
+                generation["judge"].append(judge_score(prompt, reference, said, judge_url))
     n = max(generation["samples"], 1)
     scores = [s for s in generation["judge"] if s is not None]
     return {
@@ -122,15 +123,7 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
     }
 
 
-def _blank(processor):
+def _blank():
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (255, 255, 255))
-
-
-def _generate(model, processor, question: str, images, max_new_tokens: int) -> str:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question.replace("<image>", "").strip()}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -57,9 +57,9 @@ def write_plots(run_dir: Path, out: Path) -> list[Path]:
     return written
 
 
-def summary_markdown(run_dir: Path) -> str:
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    lines = [f"# {recipe['name']}", "", "| stage | trains | steps | loss first -> last | seconds | samples | "
+def stage_table(run_dir: Path) -> str:
+    """Markdown table: one row per finished stage, from its summary.json."""
+    lines = ["| stage | trains | steps | loss first -> last | seconds | samples | "
              "real tokens/s | bad samples | skipped steps |", "|---|---|---|---|---|---|---|---|---|"]
     for s in stage_summaries(run_dir):
         trains = ", ".join(c for c, n in s["trainable"].items() if n)
@@ -67,6 +67,11 @@ def summary_markdown(run_dir: Path) -> str:
                      f"{s['seconds']:.1f} | {s['samples']} | {s['tokens'] / max(s['seconds'], 1e-9):,.0f} | "
                      f"{s['bad_samples']} | {s.get('skipped_steps', 0)} |")
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(run_dir: Path) -> str:
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    return f"# {recipe['name']}\n\n" + stage_table(run_dir)
 
 
 def model_card(run_dir: Path) -> str:
@@ -90,7 +95,7 @@ def model_card(run_dir: Path) -> str:
         sources = ", ".join(f"{d['task']} `{d['shards']}` (weight {d['weight']})" for d in stage["data"])
         lines.append(f"- **{stage['name']}**: trains {', '.join(stage['train'])}; {stage['steps']} steps x "
                      f"{stage['global_batch_size']} samples; data: {sources}")
-    lines += ["", "## Results", "", summary_markdown(run_dir).split("\n", 2)[2]]
+    lines += ["", "## Results", "", stage_table(run_dir)]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -170,7 +171,7 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
     from transformers import LlavaProcessor
 
     from train import preemption
-    from train.engine import MetricsLog, consolidated_state_dict, summary_dict, train_stage
+    from train.engine import MetricsLog, consolidated_state_dict, train_stage
     from train.model import build_model, llava_config
 
     preemption.install_handlers()  # before the rendezvous: a signal then must not kill the process outright
@@ -213,7 +214,7 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
             )
             state = consolidated_state_dict(engine, rank)
             if rank == 0:
-                record = summary_dict(summary)
+                record = asdict(summary)
                 adapters = None
                 if stage.lora_components():  # the stage's weights are plain LLaVA: adapters merged in
                     from train.lora import merged_state_dict

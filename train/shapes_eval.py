@@ -20,8 +20,8 @@ def shapes_accuracy(model_dir, samples: int = 100, seed: int = 12345, image_size
     for _ in range(samples):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         image = draw_shape(rng, shape, colour, image_size)
-        said_colour = answer(model, processor, image, COLOUR_QUESTION)
-        said_shape = answer(model, processor, image, SHAPE_QUESTION)
+        said_colour = answer(model, processor, [image], COLOUR_QUESTION)
+        said_shape = answer(model, processor, [image], SHAPE_QUESTION)
         colour_hits += said_colour.startswith(colour + "色")
         shape_hits += said_shape.startswith(shape)
         if len(examples) < 5:
