@@ -18,6 +18,7 @@ from PIL import Image
 
 from data_pipelines.collate import collate
 from data_pipelines.example import Example
+from data_pipelines.pack import collate_packed, first_fit_decreasing
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
 from data_pipelines.samples import BadSample, prepare_sample
 from data_pipelines.shard_reader import RawSample
@@ -56,17 +57,36 @@ class WorkerConfig:
     image_transform: Callable[[list[Image.Image]], torch.Tensor] | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     bad_sample_limit: float = 0.01
+    packing: bool = False  # rows hold several examples up to max_length tokens (see pack.py)
 
 
 @dataclass
 class WorkerState:
     next_batch: int  # rank-local index of the worker's next micro-batch
     streams: list[dict]  # StreamState per source, as dicts
-    samples: int = 0  # good samples this worker put into batches
+    samples: int = 0  # good samples this worker read (put into batches, or waiting in the packing buffer)
     bad: dict[str, int] = field(default_factory=dict)  # reason -> count, of samples this worker read
+    pending: list[dict] = field(default_factory=list)  # packing buffer: {"source", "stream" (before the read), "age"}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Pending:
+    """An example read for packing that has not fit into a row yet. `stream` is its source's StreamState just
+    before it was read: the buffer is saved as these few integers and rebuilt by reading again on resume."""
+
+    example: Example
+    source: int
+    stream: dict
+    age: int = 0  # micro-batches it has waited; past MAX_WAIT it is placed first
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "stream": self.stream, "age": self.age}
+
+
+MAX_WAIT = 4
 
 
 def bad_share_message(bad: dict[str, int], good: int, limit: float) -> str:
@@ -97,23 +117,70 @@ class WorkerBatches:
         ]
         self.units_at_good = [stream.units_read for stream in self.streams]
         self.bad_log: list[str] = []
+        self.pending = self.reread_pending(state.pending)
 
     def state(self) -> WorkerState:
         return WorkerState(next_batch=self.next_batch, streams=[asdict(s.state()) for s in self.streams],
-                           samples=self.samples, bad=dict(self.bad))
+                           samples=self.samples, bad=dict(self.bad), pending=[p.to_dict() for p in self.pending])
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
         config = self.config
-        picks = seeded_rng(config.seed, "mixture", config.rank, self.next_batch).choices(
-            range(len(config.names)), weights=config.weights, k=config.micro_batch_size)
-        batch = collate([self.next_example(pick) for pick in picks], config.pad_token_id)
+        rng = seeded_rng(config.seed, "mixture", config.rank, self.next_batch)
+        if config.packing:
+            batch = self.next_packed_batch(rng)
+        else:
+            picks = rng.choices(range(len(config.names)), weights=config.weights, k=config.micro_batch_size)
+            batch = collate([self.next_example(pick) for pick in picks], config.pad_token_id)
         self.next_batch += config.num_workers
         batch.update(_worker=self.worker, _state=self.state().to_dict(), _bad_log=self.bad_log)
         self.bad_log = []
         return batch
+
+    def next_packed_batch(self, rng) -> dict:
+        """Fill micro_batch_size rows of max_length tokens by first-fit decreasing over a buffer holding about
+        twice the rows' capacity; what does not fit waits for the next micro-batch."""
+        config = self.config
+        capacity = config.micro_batch_size * config.max_length
+        while (len(self.pending) < config.micro_batch_size
+               or sum(len(p.example.input_ids) for p in self.pending) < 2 * capacity):
+            source = rng.choices(range(len(config.names)), weights=config.weights)[0]
+            before = asdict(self.streams[source].state())
+            self.pending.append(Pending(self.next_example(source), source, before))
+        rows = first_fit_decreasing([len(p.example.input_ids) for p in self.pending], config.micro_batch_size,
+                                    config.max_length, priority=[p.age >= MAX_WAIT for p in self.pending])
+        batch = collate_packed([[self.pending[i].example for i in row] for row in rows], config.pad_token_id)
+        used = {i for row in rows for i in row}
+        self.pending = [Pending(p.example, p.source, p.stream, p.age + 1)
+                        for i, p in enumerate(self.pending) if i not in used]
+        return batch
+
+    def reread_pending(self, saved: list[dict]) -> list[Pending]:
+        """Rebuild the packing buffer from its saved stream positions: per source, read forward once from the
+        earliest position and keep the examples that start at a saved one (bad samples met were counted before)."""
+        rebuilt: dict[int, Pending] = {}
+        config = self.config
+        slot = config.rank * config.num_workers + self.worker
+        for source in sorted({p["source"] for p in saved}):
+            wanted = [(i, p) for i, p in enumerate(saved) if p["source"] == source]
+            plan = self.streams[source].plan
+            stream = SourceStream(plan, slot, config.shuffle_buffer, StreamState(**wanted[0][1]["stream"]))
+            for index, p in wanted:
+                while asdict(stream.state()) != p["stream"]:
+                    if stream.units_read > plan.units_per_epoch * 2 + int(p["stream"]["unit"]):
+                        raise RuntimeError(f"loader state: a buffered sample of source {config.names[source]!r} "
+                                           "was not found again; are the shards the ones the state was saved with?")
+                    next(stream)
+                while True:
+                    try:
+                        example = self.build_example(next(stream), source)
+                        break
+                    except BadSample:
+                        continue  # counted when it was first read
+                rebuilt[index] = Pending(example, source, p["stream"], p["age"])
+        return [rebuilt[i] for i in range(len(saved))]
 
     def next_example(self, source: int) -> Example:
         """The source's next usable example; bad ones on the way are counted and logged."""

@@ -14,7 +14,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     Returns input_ids, attention_mask, labels: [B, T] long; pixel_values: [N_images, 3, H, W] (uint8 at the
     model's input size, or the image_transform's float) or None;
     num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
-    keys, sources: per row, the sample key and source name (for logging; not model inputs).
+    num_samples, sample_lengths: examples in the batch and their token counts (for throughput and FLOP accounting);
+    keys, sources: per example, the sample key and source name (for logging; not model inputs).
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -35,6 +36,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         "labels": labels,
         "pixel_values": pixel_values,
         "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "num_samples": len(examples),
+        "sample_lengths": [len(example.input_ids) for example in examples],
         "keys": [example.key for example in examples],
         "sources": [example.source for example in examples],
     }

@@ -72,7 +72,8 @@ class MixtureLoader:
     process) run max(num_workers, 1) logical workers; setting the attribute to 0 after construction runs the same
     logical workers in-process (same batches; handy for debugging). Bad samples are skipped, logged with shard and
     key, and counted in `stats`; past `bad_sample_limit` (share of samples read, judged from 100 on) `next()`
-    raises TooManyBadSamples. `state_dict()` / `load_state_dict()` resume exactly at a micro-batch boundary
+    raises TooManyBadSamples. With `packing`, each of the micro_batch_size rows holds several examples up to
+    max_length tokens, with position_ids restarting per example (pack.py). `state_dict()` / `load_state_dict()` resume exactly at a micro-batch boundary
     (same rank, world_size, num_workers, sources and seed).
     """
 
@@ -82,7 +83,7 @@ class MixtureLoader:
                  world_size: int = 1, shuffle_buffer: int = 256, num_workers: int = 2, image_size: int | None = None,
                  image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
                  resize_mode: ResizeMode = "squash", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 bad_sample_limit: float = 0.01, prefetch_factor: int = 2):
+                 bad_sample_limit: float = 0.01, prefetch_factor: int = 2, packing: bool = False):
         if not sources:
             raise ValueError("a mixture needs at least one source")
         for source in sources:
@@ -111,7 +112,7 @@ class MixtureLoader:
             micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer, pad_token_id=pad,
             image_size=image_size, resize_mode=resize_mode, image_transform=image_transform,
-            max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit)
+            max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit, packing=packing)
         self._worker_states: list[dict | None] = [None] * self.config.num_workers
         self._batches_returned = 0
         self._iterator: Iterator[dict] | None = None
@@ -173,7 +174,7 @@ class MixtureLoader:
         return {
             "version": STATE_VERSION, "seed": config.seed, "rank": config.rank, "world_size": config.world_size,
             "num_workers": config.num_workers, "sources": list(config.names), "shards": self._shards_fingerprint(),
-            "batches": self._batches_returned, "workers": [dict(s) if s else None for s in self._worker_states],
+            "packing": config.packing, "batches": self._batches_returned, "workers": [dict(s) if s else None for s in self._worker_states],
         }
 
     def _shards_fingerprint(self) -> str:
@@ -184,7 +185,9 @@ class MixtureLoader:
         """Resume from `state_dict()`. Valid before or during iteration (running workers are restarted)."""
         config = self.config
         mine = {"version": STATE_VERSION, "seed": config.seed, "rank": config.rank, "world_size": config.world_size,
-                "num_workers": config.num_workers, "sources": list(config.names), "shards": self._shards_fingerprint()}
+                "num_workers": config.num_workers, "sources": list(config.names), "shards": self._shards_fingerprint(),
+                "packing": config.packing}
+        state = {"packing": False, **state}  # saved before packing existed
         different = [key for key, value in mine.items() if state.get(key) != value]
         if different:
             details = ", ".join(f"{key}: saved {state.get(key)!r}, now {mine[key]!r}" for key in different)

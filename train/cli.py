@@ -206,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(commands)
     bench = commands.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
-    register_data_bench(bench.add_subparsers(dest="bench_command", required=True, parser_class=ArgumentParser))
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=ArgumentParser)
+    register_data_bench(bench_commands)
+    from train.bench import register as register_train_bench
+
+    register_train_bench(bench_commands)
 
     from train.submit import register as register_submit
 

@@ -42,10 +42,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(value: float | int) -> float:
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=device())
+def all_reduce_sum(value):
+    """Sum a number, or each number of a list in one collective, over all ranks (float64)."""
+    tensor = torch.tensor(value, dtype=torch.float64, device=device())
     torch.distributed.all_reduce(tensor)
-    return tensor.item()
+    return tensor.tolist()
 
 
 def barrier() -> None:

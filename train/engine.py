@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from data_pipelines.images import normalize
-from train import checkpoint, distributed, faults, preemption
+from train import checkpoint, distributed, faults, flops, preemption
 from train.model import LlavaForTraining
 from train.recipe import Stage, UsageError
 from train.reporting import MetricsLog, Progress
@@ -108,6 +108,8 @@ def train_stage(
 
         inject_adapters(llava, stage)
     freeze_table = apply_freeze_plan(llava, stage)
+    flop_plan = flops.plan_flops(llava)  # from the freeze plan, before ZeRO-3 partitions the parameters
+    image_token_id, vision_length = _image_token_and_vision_length(llava.config)
     if stage.gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = build_optimizer(llava, stage)
@@ -117,6 +119,7 @@ def train_stage(
     )
     accumulation = config["gradient_accumulation_steps"]
     device = distributed.device()
+    peak = flops.peak_flops(device)
     batches = BatchStream(loader)
     totals = {"first_loss": float("nan"), "samples": 0, "tokens": 0, "skipped_steps": 0, "seconds": 0.0}
     start_step = 0
@@ -142,7 +145,8 @@ def train_stage(
         scale = world_size * accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
         loss_sum = 0.0
         for batch in micro_batches:
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "position_ids")
+                      if k in batch}
             pixels = batch["pixel_values"]
             if pixels is not None:
                 pixels = pixels.to(device, non_blocking=True)
@@ -155,9 +159,15 @@ def train_stage(
             engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
             loss_sum += micro_loss.item()
         loss = distributed.all_reduce_sum(loss_sum) / max(targets, 1.0)
-        step_tokens = distributed.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        # real (non-pad) tokens, samples, padded positions and model FLOPs of the step, all ranks
+        step_tokens, step_samples, step_positions, step_flops = distributed.all_reduce_sum([
+            sum(int(b["attention_mask"].sum()) for b in micro_batches),
+            sum(b.get("num_samples", b["input_ids"].shape[0]) for b in micro_batches),
+            sum(b["attention_mask"].numel() for b in micro_batches),
+            sum(flop_plan.step_flops(flops.batch_counts(b, image_token_id, vision_length)) for b in micro_batches),
+        ])
         applied = engine.was_step_applied() and math.isfinite(loss)
-        totals["samples"] += stage.global_batch_size
+        totals["samples"] += int(step_samples)
         totals["tokens"] += int(step_tokens)
         if step == 1:
             totals["first_loss"] = loss
@@ -181,8 +191,13 @@ def train_stage(
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "skipped": not applied,
                 "target_tokens": int(targets),
+                "tokens": int(step_tokens),
+                "seconds": seconds,
                 "tokens_per_s": step_tokens / seconds,
-                "samples_per_s": stage.global_batch_size / seconds,
+                "samples_per_s": step_samples / seconds,
+                "nonpad_fraction": step_tokens / step_positions,
+                "tflops_per_device": step_flops / seconds / world_size / 1e12,
+                "mfu": None if peak is None else step_flops / seconds / world_size / peak,
                 "bad_samples": bad_samples(),  # {reason: count} on rank 0
             })
         if consecutive_skips >= max_nonfinite_steps:
@@ -213,6 +228,16 @@ def train_stage(
         frozen={c: r["frozen"] for c, r in freeze_table.items()},
     )
     return engine, summary
+
+
+def _image_token_and_vision_length(config) -> tuple[int, int | None]:
+    """The image token id, and the vision tower's tokens per image when fixed (None: read from image_grid_thw)."""
+    image_token_id = getattr(config, "image_token_index", None)
+    if image_token_id is None:
+        image_token_id = config.image_token_id
+    vision = getattr(config, "vision_config", None)
+    fixed = vision is not None and hasattr(vision, "image_size") and hasattr(vision, "patch_size")
+    return image_token_id, flops.vision_sequence_length(vision) if fixed else None
 
 
 def consolidated_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:

@@ -211,16 +211,17 @@ class LlavaForTraining(nn.Module):
         super().__init__()
         self.llava = llava
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None):
-        # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None
-        logits = self.logits(input_ids, attention_mask, pixel_values)  # [B, T, V]
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, position_ids=None):
+        # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None;
+        # position_ids: [B, T] for packed rows (restarting per sample), else None
+        logits = self.logits(input_ids, attention_mask, pixel_values, position_ids)  # [B, T, V]
         targets = labels[:, 1:]
         loss_sum = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
         )
         return loss_sum, (targets != -100).sum()
 
-    def logits(self, input_ids, attention_mask, pixel_values=None):
+    def logits(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
         config = self.llava.config
         embeds = self.llava.get_input_embeddings()(input_ids)  # [B, T, D]
         dummy = pixel_values is None
@@ -241,4 +242,9 @@ class LlavaForTraining(nn.Module):
             image_mask = (input_ids == config.image_token_index).unsqueeze(-1)
             assert image_mask.sum() == features.shape[0], "image tokens in the text must match the encoder's output"
             embeds = embeds.masked_scatter(image_mask.expand_as(embeds), features)
-        return self.llava(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        if position_ids is not None:
+            # packed rows: with no attention mask, transformers derives a block-diagonal causal mask (sdpa, eager)
+            # or flash-attention varlen boundaries from where the position ids restart; no attention across samples
+            attention_mask = None
+        return self.llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits

@@ -177,9 +177,11 @@ class Stage(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)      # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     steps: int = Field(gt=0)                           # optimizer steps
-    global_batch_size: int = Field(gt=0)               # samples per optimizer step, all ranks
-    micro_batch_size: int = Field(gt=0)                # samples per forward on one rank
-    max_length: int = Field(gt=0)                      # tokens, image tokens included
+    global_batch_size: int = Field(gt=0)               # rows per optimizer step, all ranks
+    micro_batch_size: int = Field(gt=0)                # rows per forward on one rank
+    max_length: int = Field(gt=0)                      # tokens per row, image tokens included
+    packing: bool = True                               # a row holds several samples (no attention across them);
+                                                       #   off: one sample per row, padded to the batch's longest
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "bf16"
     gradient_checkpointing: bool = False

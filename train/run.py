@@ -163,6 +163,7 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
         world_size=world_size,
         num_workers=stage.data_workers,
         bad_sample_limit=stage.bad_sample_limit,
+        packing=stage.packing,
     )
 
 
