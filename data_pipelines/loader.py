@@ -134,7 +134,8 @@ class MixtureLoader:
             else:
                 self._iterator = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is,
                                                  num_workers=self.num_workers, persistent_workers=True,
-                                                 prefetch_factor=self.prefetch_factor))
+                                                 prefetch_factor=self.prefetch_factor,
+                                                 pin_memory=torch.cuda.is_available()))  # async host-to-GPU copies
         batch = next(self._iterator)
         self._worker_states[batch.pop("_worker")] = batch.pop("_state")
         for line in batch.pop("_bad_log"):

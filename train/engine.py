@@ -58,6 +58,18 @@ def deepspeed_config(stage: Stage, world_size: int) -> dict:
     }
 
 
+def enable_fast_paths(llava, stage: Stage) -> None:
+    """The stage's activation checkpointing (per component) and torch.compile of the LLM's decoder layers."""
+    checkpointed = (["vision_encoder", "llm"] if stage.gradient_checkpointing is True
+                    else stage.gradient_checkpointing or [])
+    towers = {"vision_encoder": llava.model.vision_tower, "llm": llava.model.language_model}
+    for component in checkpointed:  # non-reentrant: works with frozen inputs and under ZeRO-3
+        towers[component].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if stage.compile:
+        for layer in llava.model.language_model.layers:  # per block: the graphs stay small and ZeRO hooks stay outside
+            layer.compile()
+
+
 class NonFiniteLimit(Exception):
     """Too many optimizer steps in a row had a non-finite loss or gradient; the run stops without a checkpoint."""
 
@@ -110,8 +122,7 @@ def train_stage(
     freeze_table = apply_freeze_plan(llava, stage)
     flop_plan = flops.plan_flops(llava)  # from the freeze plan, before ZeRO-3 partitions the parameters
     image_token_id, vision_length = _image_token_and_vision_length(llava.config)
-    if stage.gradient_checkpointing:
-        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_fast_paths(llava, stage)
     optimizer, scheduler = build_optimizer(llava, stage)
     config = deepspeed_config(stage, world_size)
     engine, _, _, _ = deepspeed.initialize(

@@ -155,6 +155,11 @@ def llava_config(spec: ModelSpec, vocab_size: int, image_token_id: int) -> Llava
 def build_model(spec: ModelSpec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
     """Assemble the VLM. Inline-config components start random (seed first); `path` components load weights."""
     model = LlavaForConditionalGeneration(config)
+    try:
+        model.set_attn_implementation(spec.attn_implementation)
+    except (ImportError, ValueError) as err:
+        raise RecipeError("recipe", [f"model.attn_implementation: {spec.attn_implementation} is not available "
+                                     f"here ({str(err).splitlines()[0]})"]) from None
     if not load_weights:
         return model
     if spec.vision_encoder.path is not None:

@@ -104,6 +104,7 @@ class ModelSpec(Strict):
     projector: Projector = Projector()
     llm: ComponentSource
     tokenizer: str = Field(description="'builtin:tiny-ja', a local directory, or a hub id")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # flash_attention_2: flash-attn, GPU
 
     @field_validator("tokenizer")
     @classmethod
@@ -184,7 +185,8 @@ class Stage(Strict):
                                                        #   off: one sample per row, padded to the batch's longest
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "bf16"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | list[Literal["vision_encoder", "llm"]] = False  # true: both; costs ~20-30% time
+    compile: bool = False                              # torch.compile each LLM decoder layer (GPU; first steps slow)
     max_grad_norm: float = Field(1.0, gt=0)
     save_every: int = Field(0, ge=0)                   # steps between DeepSpeed checkpoints; 0 = stage end only
     log_every: int = Field(1, gt=0)
