@@ -19,12 +19,12 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_runs_and_reports(tiny_run):
     _, run, stdout = tiny_run
-    assert "stage 1/2 align: 60 steps" in stdout and "stage 2/2 instruct: 600 steps" in stdout
+    assert "stage 1/2 align: 60 steps" in stdout and "stage 2/2 instruct: 300 steps" in stdout
     summaries = [json.loads((run / "stages" / d / "summary.json").read_text()) for d in ("01-align", "02-instruct")]
     assert summaries[0]["trainable"]["llm"] == 0 and summaries[1]["trainable"]["llm"] > 0
     assert summaries[1]["final_loss"] < 0.5 * summaries[1]["first_loss"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records].count("instruct") == 600
+    assert [r["stage"] for r in records].count("instruct") == 300
     assert {"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[-1])
 
 
