@@ -110,7 +110,7 @@ class BatchStream:
 def train_stage(
     llava, stage: Stage, loader, metrics: MetricsLog | None, *, rank: int, world_size: int,
     checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int = 2,
-    max_nonfinite_steps: int = 3, bad_samples=lambda: {},
+    max_nonfinite_steps: int = 3, bad_samples=lambda: {}, periodic_eval=None,
 ):
     """Train `llava` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights."""
     import deepspeed
@@ -217,6 +217,8 @@ def train_stage(
                 f"(last at step {step}); stopped without saving this state"
             )
         progress.update(step, loss)
+        if periodic_eval is not None:  # train/periodic_eval.py: every rank joins, training's RNG untouched
+            periodic_eval.maybe_run(engine, step)
         faults.maybe_kill("after_step", stage.name, step)
         stop = distributed.all_reduce_sum(preemption.stop_requested()) > 0  # every rank stops at the same step
         due = stage.save_every and step % stage.save_every == 0

@@ -40,6 +40,18 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def exact_match(answer: str, reference: str) -> float:
+    return float(answer.strip() == reference.strip())
+
+
+def first_turn(meta: dict, images: list) -> tuple[str, list, str]:
+    """(prompt without placeholders, the images it shows, stripped reference) of a VQA sample's first turn."""
+    from data_pipelines.templates import conversation_turns
+
+    question, reference = conversation_turns(meta["conversations"])[0]
+    return question.replace("<image>", "").strip(), images[: question.count("<image>")], reference.strip()
+
+
 def judge_score(question: str, reference: str, answer: str, url: str) -> float | None:
     """Ask an OpenAI-compatible /chat/completions endpoint for a 1-10 score; None when it gives no number."""
     body = {
@@ -69,7 +81,6 @@ def _samples(patterns: list[str]):
 @torch.no_grad()
 def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 200, max_new_tokens: int = 32) -> dict:
     from data_pipelines.samples import BadSample, prepare_sample
-    from data_pipelines.templates import conversation_turns
     from data_pipelines.tokenize import encode
     from train.chat import answer, load_export
 
@@ -101,12 +112,11 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
         loss_count[source] += int((labels != -100).sum())
 
         if "conversations" in raw.meta:  # generation metrics on the first turn of each VQA sample
-            question, reference = conversation_turns(raw.meta["conversations"])[0]
-            prompt = question.replace("<image>", "").strip()
-            said = answer(model, processor, prepared.images[: question.count("<image>")], prompt, max_new_tokens)
+            prompt, images, reference = first_turn(raw.meta, prepared.images)
+            said = answer(model, processor, images, prompt, max_new_tokens)
             generation["samples"] += 1
-            generation["exact_match"] += float(said == reference.strip())
-            generation["rouge_l"] += rouge_l(said, reference.strip())
+            generation["exact_match"] += exact_match(said, reference)
+            generation["rouge_l"] += rouge_l(said, reference)
             if judge_url:
                 generation["judge"].append(judge_score(prompt, reference, said, judge_url))
     n = max(generation["samples"], 1)

@@ -194,6 +194,11 @@ class Stage(Strict):
     data_workers: int = Field(2, ge=0)                 # dataloader worker processes per rank (0: in the main one)
     bad_sample_limit: float = Field(0.01, ge=0, le=1)  # the stage fails when more of the samples read are bad
     data: list[DataSource] = Field(min_length=1)
+    # periodic evaluation (train/periodic_eval.py): every `eval_every` steps and at the stage end; 0 = off
+    eval_every: int = Field(0, ge=0)
+    eval_data: list[DataSource] = []                   # held-out sources, same schema as `data`
+    eval_samples: int = Field(32, gt=0)                # the first N usable samples of each eval source, every time
+    eval_generate: int = Field(4, ge=0)                # of those, VQA samples answered greedily for exact match / ROUGE-L
 
     @field_validator("train")
     @classmethod
@@ -216,6 +221,10 @@ class Stage(Strict):
         for component in self.lora_components():
             if component not in self.train:
                 problems.append(f"lora.{component} is set but the stage freezes {component}")
+        if self.eval_every and not self.eval_data:
+            problems.append(f"eval_data is missing but eval_every is {self.eval_every}")
+        if self.eval_data and not self.eval_every:
+            problems.append("eval_data is set but eval_every is 0 (periodic eval off); set eval_every or drop eval_data")
         if self.global_batch_size % self.micro_batch_size:
             problems.append(
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"

@@ -174,6 +174,7 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
     from train import preemption
     from train.engine import MetricsLog, consolidated_state_dict, train_stage
     from train.model import build_model, llava_config
+    from train.periodic_eval import build_periodic_eval
 
     preemption.install_handlers()  # before the rendezvous: a signal then must not kill the process outright
     rank, world_size = distributed.init_distributed()
@@ -212,6 +213,8 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
                 resume_from=resume_from if index == first else None,
                 keep_last=recipe.checkpoint.keep_last, max_nonfinite_steps=recipe.max_nonfinite_steps,
                 bad_samples=lambda: dict(batches.stats["bad"]),
+                periodic_eval=build_periodic_eval(recipe, index, processor, rank=rank, world_size=world_size,
+                                                  metrics=metrics),
             )
             state = consolidated_state_dict(engine, rank)
             if rank == 0:

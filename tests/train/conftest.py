@@ -85,7 +85,7 @@ def losses(run) -> dict:
     import json
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {(r["stage"], r["step"]): r["loss"] for r in records}
+    return {(r["stage"], r["step"]): r["loss"] for r in records if r.get("kind") != "eval"}  # train records only
 
 
 def torchrun(recipe, output, *args, env=None, nproc=2):

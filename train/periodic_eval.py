@@ -1,0 +1,188 @@
+"""Evaluation inside a training stage: every `eval_every` steps and at the stage end, the validation loss per eval
+source on a fixed set of samples (the first `eval_samples` usable samples of each source, the same every time), and
+exact match / character ROUGE-L of greedy answers to the first `eval_generate` VQA samples among them.
+
+Written as `"kind": "eval"` records to metrics.jsonl (and wandb, with a table of the generations and their images).
+
+Lockstep across ranks, because under ZeRO-3 every forward all-gathers parameters collectively: ranks split each
+source's samples, all run the same number of forwards (a rank whose share ran out repeats a sample at weight 0), and
+the sums are all-reduced. Every rank answers every VQA sample, with `synced_gpus` under ZeRO-3 so that all run the
+same number of decoding steps. The global RNG is forked around it all and module modes restored, so training
+computes exactly the same with periodic eval on or off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from data_pipelines.collate import collate
+from data_pipelines.example import Example
+from data_pipelines.images import ImageError, decode_image, load_pixels, normalize
+from data_pipelines.samples import BadSample, prepare_sample
+from data_pipelines.shard_reader import iter_raw_samples
+from data_pipelines.shards import expand_shard_patterns
+from data_pipelines.tokenize import encode
+from train import distributed
+from train.evaluate import exact_match, first_turn, rouge_l
+from train.recipe import DataSource, Stage
+
+MAX_NEW_TOKENS = 32  # as `kakehashi eval`
+
+
+@dataclass
+class VqaSample:
+    source: str
+    key: str
+    images: list  # PIL images the first turn shows
+    question: str
+    reference: str
+
+
+@dataclass
+class EvalSet:
+    sources: dict[str, list[Example]]  # eval source name -> its fixed samples, in shard order
+    vqa: list[VqaSample]
+
+
+def source_names(sources: list[DataSource]) -> list[str]:
+    """`name`, else the task; a repeated name gets its index (eval_loss/<name> must be unique)."""
+    names = [s.name or s.task for s in sources]
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def load_eval_set(stage: Stage, *, tokenizer, template: str, tokens_per_image: int, image_size: int,
+                  resize_mode: str) -> EvalSet:
+    """The first `eval_samples` usable samples of each eval source, prepared as the training loader does."""
+    sources, vqa = {}, []
+    for name, source in zip(source_names(stage.eval_data), stage.eval_data):
+        examples = sources.setdefault(name, [])
+        for raw in (raw for shard in expand_shard_patterns(source.patterns) for raw in iter_raw_samples(shard)):
+            if len(examples) >= stage.eval_samples:
+                break
+            try:
+                prepared = prepare_sample(raw, task=source.task, template=template, eos_token=tokenizer.eos_token,
+                                          tokenizer=tokenizer, decode_images=False)
+                encoded = encode(prepared.segments, tokenizer, tokens_per_image=tokens_per_image,
+                                 max_length=stage.max_length)
+                if encoded is None:
+                    continue
+                images = raw.images[: encoded.num_images]
+                pixels = torch.stack([load_pixels(data, image_size, resize_mode) for data in images]) if images else None
+                if source.task == "vqa" and len(vqa) < stage.eval_generate:
+                    prompt, shown, reference = first_turn(raw.meta, [decode_image(data) for data in raw.images])
+                    vqa.append(VqaSample(name, raw.key, shown, prompt, reference))
+            except (BadSample, ImageError):
+                continue  # the training loader counts bad samples; eval just takes the next usable one
+            examples.append(Example(key=raw.key, source=name, input_ids=encoded.input_ids, labels=encoded.labels,
+                                    pixel_values=pixels))
+    return EvalSet(sources, vqa)
+
+
+class PeriodicEval:
+    def __init__(self, stage: Stage, eval_set: EvalSet, processor, *, rank: int, world_size: int, metrics=None):
+        self.stage, self.eval_set, self.processor = stage, eval_set, processor
+        self.rank, self.world_size, self.metrics = rank, world_size, metrics
+        image_processor = processor.image_processor
+        self.image_mean, self.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def due(self, step: int) -> bool:
+        return step % self.stage.eval_every == 0 or step == self.stage.steps
+
+    def maybe_run(self, engine, step: int) -> dict | None:
+        return self.run(engine, step) if self.due(step) else None
+
+    def run(self, engine, step: int) -> dict:
+        """Evaluate on every rank (collectively); rank 0 writes the record. Returns the record.
+
+        `engine`: the DeepSpeed engine, or the bare LlavaForTraining it wraps.
+        """
+        modes = {module: module.training for module in engine.modules()}  # the engine and all it wraps
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                engine.eval()
+                record = {"kind": "eval", "stage": self.stage.name, "step": step, **self.losses(engine)}
+                answers = self.generate(getattr(engine, "module", engine).llava)
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        if answers:
+            record["eval_vqa_samples"] = len(answers)
+            record["eval_exact_match"] = sum(exact_match(a, s.reference) for s, a in answers) / len(answers)
+            record["eval_rouge_l"] = sum(rouge_l(a, s.reference) for s, a in answers) / len(answers)
+        if self.metrics is not None:
+            self.metrics.write(record)
+            if self.metrics.wandb_run is not None and answers:
+                self.metrics.wandb_run.log({f"{self.stage.name}/eval_generations": generation_table(step, answers)})
+        return record
+
+    def losses(self, engine) -> dict:
+        """eval_loss/<source>: mean token loss over the source's fixed samples, all ranks together."""
+        device = distributed.device()
+        micro = self.stage.micro_batch_size
+        sums = []
+        for examples in self.eval_set.sources.values():
+            share = examples[self.rank::self.world_size]
+            forwards = math.ceil(math.ceil(len(examples) / self.world_size) / micro)  # the same on every rank
+            loss_sum, count = 0.0, 0
+            for index in range(forwards):
+                chunk = share[index * micro:(index + 1) * micro]
+                batch = collate(chunk or examples[:1], self.pad_token_id)  # an empty share still joins the gather
+                pixels = batch["pixel_values"]
+                if pixels is not None:
+                    pixels = normalize(pixels.to(device), self.image_mean, self.image_std)
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+                chunk_loss, chunk_count = engine(**inputs, pixel_values=pixels)
+                if chunk:
+                    loss_sum, count = loss_sum + chunk_loss.item(), count + int(chunk_count)
+            sums += [loss_sum, count]
+        totals = torch.tensor(sums, dtype=torch.float64, device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        names = list(self.eval_set.sources)
+        record = {f"eval_loss/{name}": totals[2 * i].item() / totals[2 * i + 1].item()
+                  for i, name in enumerate(names) if totals[2 * i + 1] > 0}
+        if names and totals[1::2].sum() > 0:
+            record["eval_loss"] = (totals[0::2].sum() / totals[1::2].sum()).item()
+        return record
+
+    def generate(self, llava) -> list[tuple[VqaSample, str]]:
+        from train.chat import answer
+
+        synced = self.stage.zero_stage == 3 and self.world_size > 1
+        tokenizer = self.processor.tokenizer
+        return [(sample, answer(llava, self.processor, sample.images, sample.question, MAX_NEW_TOKENS,
+                                synced_gpus=synced, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=self.pad_token_id))
+                for sample in self.eval_set.vqa]
+
+
+def generation_table(step: int, answers: list[tuple[VqaSample, str]]):
+    import wandb
+
+    table = wandb.Table(columns=["step", "source", "key", "image", "question", "answer", "reference"])
+    for sample, said in answers:
+        image = wandb.Image(sample.images[0]) if sample.images else None
+        table.add_data(step, sample.source, sample.key, image, sample.question, said, sample.reference)
+    return table
+
+
+def build_periodic_eval(recipe, index: int, processor, *, rank: int, world_size: int, metrics=None):
+    """The stage's PeriodicEval, or None when its `eval_every` is 0."""
+    from train.model import tokens_per_image, vision_config
+
+    stage = recipe.stages[index]
+    if not stage.eval_every:
+        return None
+    vision = vision_config(recipe.model.vision_encoder)
+    eval_set = load_eval_set(
+        stage, tokenizer=processor.tokenizer, template=recipe.template,
+        tokens_per_image=tokens_per_image(recipe.model.vision_encoder, vision), image_size=vision.image_size,
+        resize_mode="shortest_edge_crop" if recipe.model.vision_encoder.kind == "clip" else "squash",
+    )
+    return PeriodicEval(stage, eval_set, processor, rank=rank, world_size=world_size, metrics=metrics)
