@@ -7,21 +7,25 @@ from pathlib import Path
 
 import yaml
 
-PLOTTED = {  # metrics.jsonl field -> axis label; a field a run never logged (e.g. mfu before issue 5) is left out
+PLOTTED = {  # metrics.jsonl field -> axis label; a field a run never logged is left out
     "loss": "loss",
     "lr": "learning rate",
     "grad_norm": "gradient norm",
-    "tokens_per_s": "real tokens / s",
-    "mfu": "model FLOPs utilisation",
 }
 
 
-def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
-    """Records per stage in step order; a step logged twice (before a kill, after the resume) keeps the last."""
+THROUGHPUT = {"tokens_per_s": "real tokens / s", "mfu": "model FLOPs utilisation"}  # mfu: null or absent when unknown
+EVAL_SCORES = {"eval_exact_match": "eval exact match", "eval_rouge_l": "eval ROUGE-L (chars)"}
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> dict[str, list[dict]]:
+    """Records of one kind (train, or eval from periodic evaluation) per stage in step order; a step logged twice
+    (before a kill, after the resume) keeps the last."""
     by_step: dict[tuple[str, int], dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        by_step[(record["stage"], record["step"])] = record
+        if record.get("kind", "train") == kind:
+            by_step[(record["stage"], record["step"])] = record
     stages: dict[str, list[dict]] = {}
     for (stage, _), record in sorted(by_step.items(), key=lambda item: item[0][1]):
         stages.setdefault(stage, []).append(record)
@@ -32,29 +36,71 @@ def stage_summaries(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "stages").glob("*/summary.json"))]
 
 
-def write_plots(run_dir: Path, out: Path) -> list[Path]:
+def _plot_panels(path: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[int, float]]]]]) -> Path:
+    """One PNG of stacked panels sharing the step axis; a panel is (y label, {line label: [(step, value)]})."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    for axis, (label, lines) in zip(axes[:, 0], panels):
+        for name, points in lines.items():
+            axis.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2, marker="." if len(points) < 30 else None,
+                      label=name)
+        if len(lines) > 1:
+            axis.legend(fontsize=8)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _points(records: list[dict], field: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[field]) for r in records if r.get(field) is not None]
+
+
+def write_plots(run_dir: Path, out: Path) -> list[Path]:
+    """Per stage: STAGE.png (training curves), STAGE-throughput.png (tokens/s, and MFU when logged), and
+    STAGE-eval.png (periodic eval: loss per source, exact match, ROUGE-L) when the stage evaluated."""
     written = []
+    evals = read_metrics(run_dir, "eval")
     for stage, records in read_metrics(run_dir).items():
-        fields = [f for f in PLOTTED if any(r.get(f) is not None for r in records)]
-        figure, axes = plt.subplots(len(fields), 1, figsize=(7, 2.2 * len(fields)), sharex=True, squeeze=False)
-        for axis, field in zip(axes[:, 0], fields):
-            points = [(r["step"], r[field]) for r in records if r.get(field) is not None]
-            axis.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2)
-            axis.set_ylabel(PLOTTED[field])
-            axis.grid(alpha=0.3)
-        axes[-1, 0].set_xlabel("optimizer step")
-        figure.suptitle(f"stage {stage}")
-        figure.tight_layout()
-        path = out / f"{stage}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        fields = [f for f in PLOTTED if _points(records, f)]
+        written.append(_plot_panels(out / f"{stage}.png", f"stage {stage}",
+                                    [(PLOTTED[f], {f: _points(records, f)}) for f in fields]))
+        throughput = [f for f in THROUGHPUT if _points(records, f)]  # mfu is null when the FLOPs are unknown
+        if throughput:
+            written.append(_plot_panels(out / f"{stage}-throughput.png", f"stage {stage}: throughput",
+                                        [(THROUGHPUT[f], {f: _points(records, f)}) for f in throughput]))
+        if stage in evals:
+            written.append(_plot_panels(out / f"{stage}-eval.png", f"stage {stage}: periodic eval",
+                                        eval_panels(evals[stage])))
     return written
+
+
+def eval_panels(records: list[dict]) -> list[tuple[str, dict]]:
+    sources = sorted({k for r in records for k in r if k.startswith("eval_loss/")})
+    panels = [("eval loss", {k.removeprefix("eval_loss/"): _points(records, k) for k in sources})] if sources else []
+    return panels + [(label, {f: _points(records, f)}) for f, label in EVAL_SCORES.items() if _points(records, f)]
+
+
+def eval_table(run_dir: Path) -> str:
+    """Markdown table of each stage's last periodic eval; empty when no stage evaluated."""
+    last = {stage: records[-1] for stage, records in read_metrics(run_dir, "eval").items()}
+    if not last:
+        return ""
+    lines = ["| stage | step | eval loss | per source | exact match | ROUGE-L |", "|---|---|---|---|---|---|"]
+    number = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for stage, r in last.items():
+        sources = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in r.items() if k.startswith("eval_loss/"))
+        lines.append(f"| {stage} | {r['step']} | {number(r.get('eval_loss'))} | {sources} | "
+                     f"{number(r.get('eval_exact_match'))} | {number(r.get('eval_rouge_l'))} |")
+    return "\n## Periodic eval (last)\n\n" + "\n".join(lines) + "\n"
 
 
 def stage_table(run_dir: Path) -> str:
@@ -71,7 +117,7 @@ def stage_table(run_dir: Path) -> str:
 
 def summary_markdown(run_dir: Path) -> str:
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    return f"# {recipe['name']}\n\n" + stage_table(run_dir)
+    return f"# {recipe['name']}\n\n" + stage_table(run_dir) + eval_table(run_dir)
 
 
 def model_card(run_dir: Path) -> str:
