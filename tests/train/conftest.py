@@ -65,9 +65,10 @@ def random_batch(generator: torch.Generator, batch: int, length: int, targets_fr
 
 
 def short_recipe(tmp_path, *, zero_stage: int = 2, steps=(4, 6), save_every: int = 0, samples: int = 200,
-                 stage_fields: dict | None = None, **top):
-    """The tiny recipe, shortened, on a small synthetic set under tmp_path, both stages on `zero_stage`."""
-    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+                 stage_fields: dict | None = None, source=TINY_RECIPE, **top):
+    """The tiny recipe (or another tiny `source`), shortened, on a small synthetic set under tmp_path, both stages
+    on `zero_stage`."""
+    recipe = yaml.safe_load(source.read_text())
     data = tmp_path / "shapes"
     recipe["synthesize"].update(out=str(data), samples=samples)
     recipe.update(top)
@@ -78,6 +79,16 @@ def short_recipe(tmp_path, *, zero_stage: int = 2, steps=(4, 6), save_every: int
     path = tmp_path / f"zero{zero_stage}.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     return path
+
+
+def with_eval(recipe_path, *, eval_every=2, eval_samples=8, eval_generate=2, stage=1, **stage_fields):
+    """Turn periodic eval on in one stage of a short recipe, on the first samples of that stage's own sources."""
+    recipe = yaml.safe_load(recipe_path.read_text())
+    target = recipe["stages"][stage]
+    target.update(eval_every=eval_every, eval_samples=eval_samples, eval_generate=eval_generate, **stage_fields,
+                  eval_data=[{"shards": s["shards"], "task": s["task"]} for s in target["data"]])
+    recipe_path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return recipe_path
 
 
 def losses(run) -> dict:

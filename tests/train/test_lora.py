@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, kakehashi
-from tests.train.conftest import IMAGE_TOKEN_ID, make_stage, random_batch
+from tests.train.conftest import IMAGE_TOKEN_ID, make_stage, random_batch, short_recipe, torchrun, with_eval
 from train.lora import inject_adapters, merged_state_dict
 from train.model import LlavaForTraining, build_model, llava_config
 from train.recipe import load_recipe
@@ -83,3 +83,102 @@ def test_merged_lora_export_answers_the_colour_question(lora_run):
 
     report = shapes_accuracy(lora_run / "export", samples=100, seed=77)
     assert report["colour_accuracy"] >= 0.8, report
+
+
+@pytest.fixture(scope="module")
+def lora_zero3_run(tmp_path_factory):
+    """The tiny LoRA recipe, shortened, on 2 ranks under ZeRO-3, with periodic eval in the LoRA stage (5 eval
+    samples per source over 2 ranks in micro-batches of 2: one rank's share runs out and pads a forward)."""
+    tmp = tmp_path_factory.mktemp("lora-zero3")
+    recipe = with_eval(short_recipe(tmp, zero_stage=3, steps=(2, 4), samples=100, source=LORA_RECIPE),
+                       eval_samples=5, micro_batch_size=2)
+    result = torchrun(recipe, tmp / "run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "run"
+
+
+def training_model_with_adapters(run):
+    """The stage-2 model as it trained: stage-1 base weights under the LoRA targets, its adapters, the rest as saved."""
+    from transformers import LlavaConfig
+
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    stage = recipe.stages[1]
+    model = build_model(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "02-lora"), load_weights=False)
+    inject_adapters(model, stage)
+    before = load_file(run / "stages" / "01-captions" / "model.safetensors")
+    after = load_file(run / "stages" / "02-lora" / "model.safetensors")
+    adapters = load_file(run / "stages" / "02-lora" / "adapters" / "adapter_model.safetensors")
+    state = {}
+    for key in model.state_dict():
+        if "lora_" in key:
+            state[key] = adapters[key]
+        elif ".base_layer." in key:  # frozen under the adapter: must still be the stage-1 weight
+            state[key] = before[key.replace(".base_layer.", ".")]
+        else:
+            state[key] = after[key]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_lora_under_zero3_on_two_ranks_exports_what_it_trained(lora_zero3_run):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from train.periodic_eval import build_periodic_eval
+
+    run = lora_zero3_run
+    exported = LlavaForConditionalGeneration.from_pretrained(run / "export").eval()
+    weights = exported.state_dict()
+    assert not any("lora_" in k or "base_layer" in k for k in weights)
+    before = load_file(run / "stages" / "01-captions" / "model.safetensors")
+    assert torch.equal(weights["model.language_model.embed_tokens.weight"], before["model.language_model.embed_tokens.weight"])
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[q_proj], before[q_proj])  # the merged adapter moved it
+
+    processor = AutoProcessor.from_pretrained(run / "export")
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    sample = build_periodic_eval(recipe, 1, processor, rank=0, world_size=1).eval_set.vqa[0]
+    content = [{"type": "image"}, {"type": "text", "text": sample.question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=sample.images, text=text + sample.reference, return_tensors="pt")
+    with torch.no_grad():
+        export_logits = exported(**inputs).logits
+        trained_logits = LlavaForTraining(training_model_with_adapters(run)).logits(
+            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    assert torch.allclose(export_logits, trained_logits, atol=1e-5), (export_logits - trained_logits).abs().max()
+
+
+def test_periodic_eval_on_two_zero3_ranks_equals_one_process_on_the_final_weights(lora_zero3_run):
+    """Split over 2 ranks (one padding a forward), all-reduced: the same losses as one process on all samples."""
+    import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from train.periodic_eval import build_periodic_eval
+
+    run = lora_zero3_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [(r["stage"], r["step"]) for r in evals] == [("lora", 2), ("lora", 4)]
+    assert all(r["eval_vqa_samples"] == 2 and 0 <= r["eval_rouge_l"] <= 1 for r in evals)
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    evaluator = build_periodic_eval(recipe, 1, AutoProcessor.from_pretrained(run / "export"), rank=0, world_size=1)
+    assert [len(v) for v in evaluator.eval_set.sources.values()] == [5, 5]
+    exported = LlavaForConditionalGeneration.from_pretrained(run / "export")
+    recomputed = evaluator.run(LlavaForTraining(exported), 4)
+    for key in ("eval_loss/caption", "eval_loss/vqa", "eval_loss"):
+        assert recomputed[key] == pytest.approx(evals[-1][key], rel=1e-5), key
+
+
+def test_periodic_eval_leaves_two_rank_zero3_training_unchanged(lora_zero3_run, tmp_path):
+    import yaml
+
+    from tests.train.conftest import losses
+
+    recipe = yaml.safe_load((lora_zero3_run / "recipe.yaml").read_text())
+    recipe["stages"][1].update(eval_every=0, eval_data=[])
+    path = tmp_path / "no-eval.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    result = torchrun(path, tmp_path / "run", "--no-export")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    without = losses(tmp_path / "run")
+    assert len(without) == 6 and without == losses(lora_zero3_run)

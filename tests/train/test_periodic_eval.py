@@ -6,20 +6,10 @@ import pytest
 import yaml
 
 from tests.conftest import kakehashi
-from tests.train.conftest import losses, short_recipe
+from tests.train.conftest import losses, short_recipe, with_eval
 from train.recipe import RecipeError, parse_recipe
 
 EVAL_STEPS = (2, 4)
-
-
-def with_eval(recipe_path, *, eval_every=2, eval_samples=8, eval_generate=2, stage=1):
-    """Turn periodic eval on in one stage of a short recipe, on its own data's first shards."""
-    recipe = yaml.safe_load(recipe_path.read_text())
-    target = recipe["stages"][stage]
-    target.update(eval_every=eval_every, eval_samples=eval_samples, eval_generate=eval_generate,
-                  eval_data=[{"shards": s["shards"], "task": s["task"]} for s in target["data"]])
-    recipe_path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
-    return recipe_path
 
 
 def records(run) -> list[dict]:
