@@ -27,7 +27,7 @@ from data_pipelines.shards import expand_shard_patterns
 from data_pipelines.tokenize import encode
 from train import distributed
 from train.evaluate import exact_match, first_turn, rouge_l
-from train.recipe import DataSource, Stage
+from train.recipe import DataSource, Stage, UsageError
 
 MAX_NEW_TOKENS = 32  # as `kakehashi eval`
 
@@ -78,6 +78,9 @@ def load_eval_set(stage: Stage, *, tokenizer, template: str, tokens_per_image: i
                 continue  # the training loader counts bad samples; eval just takes the next usable one
             examples.append(Example(key=raw.key, source=name, input_ids=encoded.input_ids, labels=encoded.labels,
                                     pixel_values=pixels))
+        if not examples:
+            raise UsageError(f"stage {stage.name}: eval_data source {name!r} ({', '.join(source.patterns)}) has no "
+                             f"usable {source.task} sample within max_length {stage.max_length}")
     return EvalSet(sources, vqa)
 
 

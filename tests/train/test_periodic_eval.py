@@ -99,3 +99,15 @@ def test_eval_fields_are_validated(tiny_recipe_text, fields, message):
     with pytest.raises(RecipeError) as caught:
         parse_recipe(yaml.safe_dump(recipe, allow_unicode=True), check_files=False)
     assert any(message in problem for problem in caught.value.problems), caught.value.problems
+
+
+def test_an_eval_source_without_a_usable_sample_is_a_one_line_error(runs):
+    from transformers import LlavaProcessor
+
+    from train.periodic_eval import build_periodic_eval
+    from train.recipe import UsageError, load_recipe
+
+    recipe = load_recipe(runs["on"] / "recipe.yaml", check_files=False)
+    recipe.stages[1].eval_data[1].task = "caption"  # VQA shards read as a caption source: every sample mismatches
+    with pytest.raises(UsageError, match=r"stage instruct: eval_data source 'caption1' .*vqa-\*\.tar\) has no usable caption sample"):
+        build_periodic_eval(recipe, 1, LlavaProcessor.from_pretrained(runs["on"] / "processor"), rank=0, world_size=1)
