@@ -14,7 +14,11 @@ PLOTTED = {  # metrics.jsonl field -> axis label; a field a run never logged is 
 }
 
 
-THROUGHPUT = {"tokens_per_s": "real tokens / s", "mfu": "model FLOPs utilisation"}  # mfu: null or absent when unknown
+THROUGHPUT = {  # mfu is null (no known peak, e.g. on CPU) or absent (older runs): its panel is then left out
+    "tokens_per_s": "real tokens / s",
+    "tflops_per_device": "model TFLOP/s per device",
+    "mfu": "model FLOPs utilisation",
+}
 EVAL_SCORES = {"eval_exact_match": "eval exact match", "eval_rouge_l": "eval ROUGE-L (chars)"}
 
 

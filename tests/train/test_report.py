@@ -25,7 +25,7 @@ def write_run(run):
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     lines = [train_record("align", s, mfu=None if s % 2 else "absent") for s in range(1, 11)]  # MFU unknown
     for step in range(1, 21):
-        lines.append(train_record("instruct", step, mfu=0.01 * step))
+        lines.append({**train_record("instruct", step, mfu=0.01 * step), "tflops_per_device": 0.5 + step / 100})
         if step % 5 == 0:  # an eval record shares its (stage, step) with a train record
             lines.append({"kind": "eval", "stage": "instruct", "step": step, "eval_loss/caption": 4.0 / step,
                           "eval_loss/vqa": 5.0 / step, "eval_loss": 4.5 / step, "eval_vqa_samples": 4,
@@ -56,7 +56,7 @@ def test_report_plots_throughput_mfu_where_logged_and_periodic_eval(tmp_path):
     report = run / "report"
     assert panels(report / "align.png") == panels(report / "instruct.png") == 3  # loss, lr, grad norm
     assert panels(report / "align-throughput.png") == 1  # tokens/s; MFU all null or missing: no empty panel
-    assert panels(report / "instruct-throughput.png") == 2  # tokens/s and MFU
+    assert panels(report / "instruct-throughput.png") == 3  # tokens/s, TFLOP/s and MFU
     assert panels(report / "instruct-eval.png") == 3  # loss per source, exact match, ROUGE-L
     assert not (report / "align-eval.png").exists()
     summary = (report / "summary.md").read_text()
