@@ -52,12 +52,24 @@ def prepare_output(output: Path, recipe: Recipe, force: bool, resume: str) -> No
             path = output / entry
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     elif stored.is_file():
-        if stored.read_text(encoding="utf-8") != text and not force:
+        if not _same_recipe(stored, recipe) and not force:
             raise UsageError(f"{output} holds a run of a different recipe (see its recipe.yaml); use a new --output or --force")
     elif occupied and not force:
         raise UsageError(f"{output} is not empty and holds no kakehashi run; use a new --output or --force")
     output.mkdir(parents=True, exist_ok=True)
     stored.write_text(text, encoding="utf-8")
+
+
+def _same_recipe(stored: Path, recipe: Recipe) -> bool:
+    """Whether OUTPUT/recipe.yaml is this recipe, compared as parsed recipes: a field added to the schema since the
+    run started takes its default in both, so upgrading kakehashi does not orphan a run."""
+    from train.recipe import parse_recipe
+
+    try:
+        before = parse_recipe(stored.read_text(encoding="utf-8"), str(stored), check_files=False)
+    except RecipeError:
+        return False
+    return before.model_dump(mode="json") == recipe.model_dump(mode="json")
 
 
 def resume_point(output: Path, recipe: Recipe, resume: str) -> tuple[int, Path | None]:
