@@ -27,6 +27,8 @@ def register(bench_subparsers) -> None:
     parser.add_argument("--packing", choices=("on", "off", "both"), default="both")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --packing both: alternating rounds of the two runs; the median of each is reported")
     parser.add_argument("--synthetic", type=int, metavar="N", default=0,
                         help="train on N synthetic shapes samples per task instead of the stage's shards")
     parser.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s per device (default: the table)")
@@ -36,8 +38,8 @@ def register(bench_subparsers) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise UsageError("--steps and --rounds must be >= 1, --warmup >= 0")
     if args.peak_tflops:
         from train.flops import PEAK_TFLOPS_ENV
 
@@ -45,10 +47,13 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if args.packing != "both":
         report = measure(args)
     else:
-        runs = {mode: _child(args, mode) for mode in ("off", "on")}
+        # alternate the two, so a neighbour's load on the machine hits both alike; report each one's median run
+        rounds = [{mode: _child(args, mode) for mode in ("off", "on")} for _ in range(args.rounds)]
+        runs = {mode: _median_run([r[mode] for r in rounds]) for mode in ("off", "on")}
         report = {"packed": runs["on"], "unpacked": runs["off"],
                   "tokens_per_s_ratio": round(runs["on"]["tokens_per_s"] / runs["off"]["tokens_per_s"], 2),
-                  "samples_per_s_ratio": round(runs["on"]["samples_per_s"] / runs["off"]["samples_per_s"], 2)}
+                  "samples_per_s_ratio": round(runs["on"]["samples_per_s"] / runs["off"]["samples_per_s"], 2),
+                  "round_ratios": [round(r["on"]["tokens_per_s"] / r["off"]["tokens_per_s"], 2) for r in rounds]}
     if args.json:
         print(json.dumps(report))
     else:
@@ -62,10 +67,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
+
+
 def _child(args: argparse.Namespace, mode: str) -> dict:
     """One packing mode in a fresh process: its own peak memory, no state left over from the other run."""
     argv = [sys.executable, "-m", "train.cli", "bench", "train", args.recipe, "--stage", args.stage,
-            "--packing", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--packing", mode, "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", "1",
             "--synthetic", str(args.synthetic), "--json", *[f"--set={o}" for o in args.overrides]]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
