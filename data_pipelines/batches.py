@@ -43,7 +43,7 @@ class WorkerConfig:
     shards: list[list[str]]
     tokenizer: object
     template: str
-    tokens_per_image: int
+    tokens_per_image: int | None  # None with `patchify`: the count then depends on each image
     max_length: int
     micro_batch_size: int
     seed: int
@@ -58,6 +58,8 @@ class WorkerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     bad_sample_limit: float = 0.01
     packing: bool = False  # rows hold several examples up to max_length tokens (see pack.py)
+    patchify: Callable | None = None  # patches.DynamicResolutionPatches (Qwen2-VL); then neither image_size nor transform
+    image_start_end: tuple[str, str] | None = None  # special tokens around each image's tokens
 
 
 @dataclass
@@ -207,11 +209,20 @@ class WorkerBatches:
         config = self.config
         prepared = prepare_sample(raw, task=config.tasks[source], template=config.template,
                                   eos_token=config.tokenizer.eos_token, tokenizer=config.tokenizer,
-                                  decode_images=False)
-        encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=config.tokens_per_image,
-                         max_length=config.max_length)
+                                  decode_images=config.patchify is not None, max_image_pixels=config.max_image_pixels)
+        tokens_per_image, patches, grid = config.tokens_per_image, None, None
+        if config.patchify is not None and prepared.images:  # dynamic resolution: measure each image first
+            patches, grid = config.patchify(prepared.images)
+            tokens_per_image = config.patchify.tokens(grid)
+        encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=tokens_per_image,
+                         max_length=config.max_length, image_start_end=config.image_start_end)
         if encoded is None:
             raise BadSample("too_long", f"no target token fits in {config.max_length} tokens")
+        if config.patchify is not None:
+            kept = int(grid[: encoded.num_images].prod(-1).sum()) if encoded.num_images else 0
+            return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
+                           labels=encoded.labels, pixel_values=patches[:kept] if kept else None,
+                           image_grid_thw=grid[: encoded.num_images] if kept else None)
         images = raw.images[: encoded.num_images]  # truncation may drop whole trailing images
         pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
         try:

@@ -12,7 +12,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     """Right-pad to the longest example. Images of all examples are concatenated in example order.
 
     Returns input_ids, attention_mask, labels: [B, T] long; pixel_values: [N_images, 3, H, W] (uint8 at the
-    model's input size, or the image_transform's float) or None;
+    model's input size, or the image_transform's float) or None; with dynamic resolution, pixel_values is the
+    flattened patches [N_patches, patch_dim] and image_grid_thw [N_images, 3], both in example order;
     num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
     num_samples, sample_lengths: examples in the batch and their token counts (for throughput and FLOP accounting);
     keys, sources: per example, the sample key and source name (for logging; not model inputs).
@@ -30,11 +31,13 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
     images = [example.pixel_values for example in examples if example.pixel_values is not None]
     pixel_values = torch.cat(images) if images else None  # [N_images, 3, H, W], dtype kept (uint8 from workers)
+    grids = [example.image_grid_thw for example in examples if example.image_grid_thw is not None]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "pixel_values": pixel_values,
+        "image_grid_thw": torch.cat(grids) if grids else None,  # [N_images, 3] with flattened patches, else None
         "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "num_samples": len(examples),
         "sample_lengths": [len(example.input_ids) for example in examples],

@@ -13,4 +13,5 @@ class Example:
     source: str  # SourceSpec.name it came from
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None  # [n_images, 3, H, W], None for a text-only example
+    pixel_values: torch.Tensor | None  # [n_images, 3, H, W] (or [n_patches, patch_dim] flattened), None: no image
+    image_grid_thw: torch.Tensor | None = None  # [n_images, 3] (t, h, w in patches) with flattened patches

@@ -79,11 +79,12 @@ class MixtureLoader:
 
     def __init__(self, sources: list[SourceSpec], *, tokenizer,
                  image_transform: Callable[[list[Image.Image]], torch.Tensor] | None = None, template: str,
-                 tokens_per_image: int, max_length: int, micro_batch_size: int, seed: int, rank: int = 0,
+                 tokens_per_image: int | None, max_length: int, micro_batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 256, num_workers: int = 2, image_size: int | None = None,
                  image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
                  resize_mode: ResizeMode = "squash", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 bad_sample_limit: float = 0.01, prefetch_factor: int = 2, packing: bool = False):
+                 bad_sample_limit: float = 0.01, prefetch_factor: int = 2, packing: bool = False,
+                 patchify: Callable | None = None, image_start_end: tuple[str, str] | None = None):
         if not sources:
             raise ValueError("a mixture needs at least one source")
         for source in sources:
@@ -91,16 +92,19 @@ class MixtureLoader:
                 raise ValueError(f"source {source.name!r}: task must be 'caption' or 'vqa', got {source.task!r}")
             if not source.weight > 0:
                 raise ValueError(f"source {source.name!r}: weight must be > 0, got {source.weight}")
-        if min(tokens_per_image, max_length, micro_batch_size, shuffle_buffer) < 1:
+        if (tokens_per_image is None) != (patchify is not None):
+            raise ValueError("give tokens_per_image (fixed image size) or patchify (dynamic resolution), not both")
+        if min(tokens_per_image or 1, max_length, micro_batch_size, shuffle_buffer) < 1:
             raise ValueError("tokens_per_image, max_length, micro_batch_size and shuffle_buffer must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if (image_size is None) == (image_transform is None):
-            raise ValueError("give exactly one of image_size (uint8 pixels) and image_transform")
+        if (image_size is not None) + (image_transform is not None) + (patchify is not None) != 1:
+            raise ValueError("give exactly one of image_size (uint8 pixels), image_transform and patchify")
         if resize_mode not in RESIZE_MODES or num_workers < 0 or not 0 <= bad_sample_limit <= 1:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, num_workers >= 0, 0 <= bad_sample_limit <= 1")
         template_format(template)  # fail now on an unknown template, not at the first sample
-        image_token_id(tokenizer, "<image>")  # fail now if the tokenizer lacks it
+        for token in ("<image>", *(image_start_end or ())):
+            image_token_id(tokenizer, token)  # fail now if the tokenizer lacks it
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.sources = sources
         self.image_mean, self.image_std = image_mean, image_std  # for the caller's `images.normalize`
@@ -112,7 +116,8 @@ class MixtureLoader:
             micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer, pad_token_id=pad,
             image_size=image_size, resize_mode=resize_mode, image_transform=image_transform,
-            max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit, packing=packing)
+            max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit, packing=packing, patchify=patchify,
+            image_start_end=tuple(image_start_end) if image_start_end else None)
         self._worker_states: list[dict | None] = [None] * self.config.num_workers
         self._batches_returned = 0
         self._iterator: Iterator[dict] | None = None

@@ -21,19 +21,24 @@ def image_token_id(tokenizer, image_token: str) -> int:
     return token_id
 
 
-def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_image: int,
-           max_length: int) -> EncodedSample | None:
+def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_image: int | list[int],
+           max_length: int, image_start_end: tuple[str, str] | None = None) -> EncodedSample | None:
     """Token ids and labels for `segments` (from templates.render), or None when the sample cannot fit.
 
     Each segment is tokenized on its own (without added special tokens) so the target boundary is exact; text
     such as "</s>" inside a segment becomes its special token id. BOS, when the tokenizer has one, is prepended.
     Longer than `max_length`: cut from the end, only inside text (an image whose tokens the cut would split is dropped
     whole); None when no target token is left, e.g. when the image tokens alone do not fit.
+    `tokens_per_image`: one count for every image, or one per image in placeholder order (dynamic resolution).
+    `image_start_end`: two special tokens that wrap each image's tokens (never targets).
     """
     image_id = image_token_id(tokenizer, image_token)
+    counts = tokens_per_image if isinstance(tokens_per_image, list) else None
+    start_end = [image_token_id(tokenizer, token) for token in image_start_end] if image_start_end else None
     input_ids: list[int] = []
     labels: list[int] = []
     image_starts: list[int] = []
+    image_ends: list[int] = []
     if tokenizer.bos_token_id is not None:
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
@@ -41,16 +46,19 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
         for i, piece in enumerate(text.split(image_token)):
             if i > 0:  # an image placeholder stood before this piece
                 image_starts.append(len(input_ids))
-                input_ids += [image_id] * tokens_per_image
-                labels += [IGNORE_INDEX] * tokens_per_image
+                count = counts[len(image_starts) - 1] if counts is not None else tokens_per_image
+                block = [image_id] * count if start_end is None else [start_end[0]] + [image_id] * count + [start_end[1]]
+                input_ids += block
+                labels += [IGNORE_INDEX] * len(block)
+                image_ends.append(len(input_ids))
             if piece:
                 ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
                 input_ids += ids
                 labels += ids if is_target else [IGNORE_INDEX] * len(ids)
     if len(input_ids) > max_length:
         cut = max_length
-        for start in image_starts:  # never cut inside an image's tokens: drop that whole image instead
-            if start < cut < start + tokens_per_image:
+        for start, end in zip(image_starts, image_ends):  # never cut inside an image's tokens: drop it whole
+            if start < cut < end:
                 cut = start
         input_ids, labels = input_ids[:cut], labels[:cut]
         image_starts = [start for start in image_starts if start < cut]

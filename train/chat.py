@@ -8,6 +8,10 @@ import torch
 def load_export(model_dir):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from train import qwen2vl
+
+    if qwen2vl.is_export(model_dir):  # our format (Qwen2-VL vision encoder): see README "Qwen2-VL encoder exports"
+        return qwen2vl.load_export(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
     model.eval()
     return model, AutoProcessor.from_pretrained(model_dir)

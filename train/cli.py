@@ -54,7 +54,7 @@ def recipe_report(recipe) -> dict:
 
     import torch
 
-    from train.model import build_model, llava_config, load_tokenizer, parameter_counts
+    from train.model import build_model, check_vision_last_blocks, load_tokenizer, model_config, parameter_counts, vision_blocks
 
     spec = recipe.model
     with tempfile.TemporaryDirectory() as cache:
@@ -63,18 +63,28 @@ def recipe_report(recipe) -> dict:
             vocab, image_id = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         except OSError:  # a hub tokenizer not on this machine: the LLM config's vocabulary (+ the image token)
             vocab, image_id = 0, -1
-        config = llava_config(spec, vocab, image_id)
+        config = model_config(spec, vocab, image_id)
         if image_id < 0:
-            config.text_config.vocab_size += 1
+            config.text_config.vocab_size += 1 + len(spec.image_start_end or ())  # + image start/end tokens
             config.image_token_index = config.text_config.vocab_size - 1
     with torch.device("meta"):
         model = build_model(spec, config, load_weights=False)
     params = parameter_counts(model)
+
+    def trainable(stage, component: str) -> int:
+        if not stage.trains(component):
+            return 0
+        if component == "vision_encoder" and stage.vision_encoder_last_blocks is not None:  # partial unfreezing
+            check_vision_last_blocks(model, stage)
+            blocks = vision_blocks(model)[-stage.vision_encoder_last_blocks:]
+            return sum(p.numel() for p in blocks.parameters())
+        return params[component]
+
     stages = [
         {
             "name": stage.name,
-            "trainable": {c: params[c] if stage.trains(c) else 0 for c in COMPONENTS},
-            "frozen": {c: 0 if stage.trains(c) else params[c] for c in COMPONENTS},
+            "trainable": {c: trainable(stage, c) for c in COMPONENTS},
+            "frozen": {c: params[c] - trainable(stage, c) for c in COMPONENTS},
             "zero_stage": stage.zero_stage,
             "precision": stage.precision,
             "steps": stage.steps,

@@ -12,7 +12,7 @@ import torch
 
 from data_pipelines.images import normalize
 from train import checkpoint, distributed, faults, flops, preemption
-from train.model import LlavaForTraining
+from train.model import training_module
 from train.recipe import Stage, UsageError
 from train.reporting import MetricsLog, Progress
 from train.stages import apply_freeze_plan, build_optimizer
@@ -126,7 +126,7 @@ def train_stage(
     optimizer, scheduler = build_optimizer(llava, stage)
     config = deepspeed_config(stage, world_size)
     engine, _, _, _ = deepspeed.initialize(
-        model=LlavaForTraining(llava), optimizer=optimizer, lr_scheduler=scheduler, config=config
+        model=training_module(llava), optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     accumulation = config["gradient_accumulation_steps"]
     device = distributed.device()
@@ -163,7 +163,8 @@ def train_stage(
                 pixels = pixels.to(device, non_blocking=True)
                 if pixels.dtype == torch.uint8:  # the loader's workers hand over uint8 at the model's input size
                     pixels = normalize(pixels, loader.image_mean, loader.image_std)
-            micro_loss, _ = engine(**inputs, pixel_values=pixels)
+            extra = {"image_grid_thw": batch["image_grid_thw"].to(device)} if batch.get("image_grid_thw") is not None else {}
+            micro_loss, _ = engine(**inputs, pixel_values=pixels, **extra)
             if step in nan_steps:
                 micro_loss = micro_loss * float("nan")
             engine.backward(micro_loss * scale)
@@ -257,7 +258,7 @@ def consolidated_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None
     """Full weights of the wrapped LLaVA model on rank 0 (gathering ZeRO-3 shards one tensor at a time)."""
     import deepspeed
 
-    llava = engine.module.llava
+    llava = getattr(engine.module, "llava", engine.module)  # LlavaForTraining wraps; train.qwen2vl's model is itself
     parameters = dict(llava.named_parameters(remove_duplicate=False))
     state = {}
     for name, value in llava.state_dict().items():

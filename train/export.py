@@ -26,10 +26,15 @@ def export_stage(run_dir: Path, stage_path: Path, out: Path, force: bool = False
         shutil.rmtree(out)
     elif out.exists():
         out.rmdir()
-    config = LlavaConfig.from_pretrained(stage_path)
-    model = LlavaForConditionalGeneration(config)
+    from train import qwen2vl
+
+    if qwen2vl.is_export(stage_path):  # no transformers class for a Qwen2-VL ViT + Llama: our format
+        model = qwen2vl.Qwen2VLVisionLM(qwen2vl.Qwen2VLVisionLMConfig.from_pretrained(stage_path))
+        processor = qwen2vl.Qwen2VLChatProcessor.from_pretrained(run_dir / "processor")
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(stage_path))
+        processor = LlavaProcessor.from_pretrained(run_dir / "processor")
     model.load_state_dict(load_file(stage_path / "model.safetensors"))
-    processor = LlavaProcessor.from_pretrained(run_dir / "processor")
 
     def write(tmp: Path) -> None:
         from train.report import model_card

@@ -113,8 +113,9 @@ def load_tokenizer(spec: ModelSpec, cache_dir: str | Path, offline: bool = False
         tokenizer = AutoTokenizer.from_pretrained(
             spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code, local_files_only=offline
         )
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    missing = [t for t in (IMAGE_TOKEN, *(spec.image_start_end or ())) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # right padding is masked out of the loss anyway
     return tokenizer
@@ -152,8 +153,21 @@ def llava_config(spec: ModelSpec, vocab_size: int, image_token_id: int) -> Llava
     )
 
 
-def build_model(spec: ModelSpec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
+def model_config(spec: ModelSpec, vocab_size: int, image_token_id: int):
+    """The architecture record of the recipe's VLM: a LlavaConfig, or ours for a Qwen2-VL vision encoder."""
+    if spec.vision_encoder.kind == "qwen2_vl":
+        from train.qwen2vl import qwen2vl_config
+
+        return qwen2vl_config(spec, vocab_size, image_token_id)
+    return llava_config(spec, vocab_size, image_token_id)
+
+
+def build_model(spec: ModelSpec, config, *, load_weights: bool = True) -> nn.Module:
     """Assemble the VLM. Inline-config components start random (seed first); `path` components load weights."""
+    if spec.vision_encoder.kind == "qwen2_vl":
+        from train.qwen2vl import build_qwen2vl
+
+        return build_qwen2vl(spec, config, load_weights=load_weights)
     model = LlavaForConditionalGeneration(config)
     try:
         model.set_attn_implementation(spec.attn_implementation)
@@ -178,7 +192,9 @@ def build_model(spec: ModelSpec, config: LlavaConfig, *, load_weights: bool = Tr
     return model
 
 
-def component_modules(model: LlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
+def component_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    if hasattr(model, "component_modules"):  # train.qwen2vl's model
+        return model.component_modules()
     return {
         "vision_encoder": [model.model.vision_tower],
         "projector": [model.model.multi_modal_projector],
@@ -198,6 +214,27 @@ def component_parameters(model: LlavaForConditionalGeneration) -> dict[str, list
 def parameter_counts(model: LlavaForConditionalGeneration) -> dict[str, int]:
     # ZeRO-3 leaves an empty placeholder in `p`; ds_numel is the real size
     return {c: sum(getattr(p, "ds_numel", p.numel()) for _, p in ps) for c, ps in component_parameters(model).items()}
+
+
+def vision_blocks(model: nn.Module) -> nn.ModuleList:
+    """The vision encoder's transformer blocks, first to last (for partial unfreezing)."""
+    if hasattr(model, "vision_blocks"):
+        return model.vision_blocks()
+    return model.model.vision_tower.vision_model.encoder.layers  # SigLIP and CLIP alike
+
+
+def check_vision_last_blocks(model: nn.Module, stage) -> int:
+    """The vision encoder's block count; RecipeError when the stage unfreezes more blocks than it has."""
+    blocks = len(vision_blocks(model))
+    if stage.vision_encoder_last_blocks is not None and stage.vision_encoder_last_blocks > blocks:
+        raise RecipeError("recipe", [f"stages.{stage.name}.vision_encoder_last_blocks: "
+                                     f"{stage.vision_encoder_last_blocks} is more than the vision encoder's {blocks} blocks"])
+    return blocks
+
+
+def training_module(model: nn.Module) -> nn.Module:
+    """What DeepSpeed wraps: forward(input_ids, attention_mask, labels, pixel_values, ...) -> (loss_sum, targets)."""
+    return model if hasattr(model, "component_modules") else LlavaForTraining(model)
 
 
 # ---------------------------------------------------------------------------------------------- training forward

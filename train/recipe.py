@@ -18,8 +18,8 @@ COMPONENTS = ("vision_encoder", "projector", "llm")
 IMAGE_TOKEN = "<image>"  # the placeholder in shard text, and the token added to the tokenizer for it
 Component = Literal["vision_encoder", "projector", "llm"]
 
-VISION_KINDS = ("siglip", "clip")        # transformers' SigLIP / CLIP vision towers
-PROJECTOR_KINDS = ("mlp2x_gelu",)        # LLaVA's Linear-GELU-Linear (exported as LlavaMultiModalProjector)
+VISION_KINDS = ("siglip", "clip", "qwen2_vl")  # transformers' SigLIP / CLIP towers; Qwen2-VL's dynamic-resolution ViT
+PROJECTOR_KINDS = ("mlp2x_gelu", "qwen2_vl_merger")  # LLaVA's Linear-GELU-Linear; Qwen2-VL's 2x2 patch merger
 TEMPLATES = ("asagi", "sarashina", "plain", "chat")
 PRECISIONS = ("fp32", "bf16")
 
@@ -90,13 +90,29 @@ class ComponentSource(Strict):
 
 
 class VisionEncoder(ComponentSource):
-    kind: Literal["siglip", "clip"] = "siglip"
+    kind: Literal["siglip", "clip", "qwen2_vl"] = "siglip"
     feature_layer: int = -1                            # hidden state fed to the projector (-2 as LLaVA-1.5)
     select_strategy: Literal["full", "default"] = "full"  # default drops the CLS token (CLIP)
+    # qwen2_vl only: each image is resized (aspect kept) to between min_pixels and max_pixels, in multiples of
+    # patch_size * spatial_merge_size, so its token count varies with its size
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _pixels_for_dynamic_resolution(self) -> VisionEncoder:
+        if self.kind != "qwen2_vl" and (self.min_pixels or self.max_pixels):
+            raise ValueError("min_pixels / max_pixels apply to kind qwen2_vl only (siglip and clip have a fixed image size)")
+        if self.kind == "qwen2_vl":
+            self.min_pixels = self.min_pixels or 56 * 56          # Qwen2VLImageProcessor's defaults
+            self.max_pixels = self.max_pixels or 28 * 28 * 1280
+            if self.min_pixels > self.max_pixels:
+                raise ValueError(f"min_pixels {self.min_pixels} is more than max_pixels {self.max_pixels}")
+        return self
 
 
 class Projector(Strict):
-    kind: Literal["mlp2x_gelu"] = "mlp2x_gelu"
+    kind: Literal["mlp2x_gelu", "qwen2_vl_merger"] = "mlp2x_gelu"
+    norm: bool = False                                 # qwen2_vl_merger: a LayerNorm after it (as Sarashina2-Vision)
 
 
 class ModelSpec(Strict):
@@ -105,6 +121,21 @@ class ModelSpec(Strict):
     llm: ComponentSource
     tokenizer: str = Field(description="'builtin:tiny-ja', a local directory, or a hub id")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # flash_attention_2: flash-attn, GPU
+    # wrap each image's tokens in these two special tokens (added to the tokenizer when missing; never targets)
+    image_start_end: tuple[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _projector_fits_encoder(self) -> ModelSpec:
+        merger, qwen = self.projector.kind == "qwen2_vl_merger", self.vision_encoder.kind == "qwen2_vl"
+        if merger != qwen:
+            raise ValueError(
+                f"projector.kind {self.projector.kind} does not fit vision_encoder.kind {self.vision_encoder.kind}: "
+                "qwen2_vl_merger goes with qwen2_vl (its patch merger), mlp2x_gelu with siglip / clip")
+        if self.projector.norm and not merger:
+            raise ValueError("projector.norm applies to kind qwen2_vl_merger only")
+        if self.image_start_end and (len(set(self.image_start_end)) < 2 or IMAGE_TOKEN in self.image_start_end):
+            raise ValueError(f"image_start_end needs two different tokens, neither {IMAGE_TOKEN}")
+        return self
 
     @field_validator("tokenizer")
     @classmethod
@@ -191,6 +222,7 @@ class Stage(Strict):
     save_every: int = Field(0, ge=0)                   # steps between DeepSpeed checkpoints; 0 = stage end only
     log_every: int = Field(1, gt=0)
     lora: StageLora = StageLora()                      # components trained through adapters (must be in `train`)
+    vision_encoder_last_blocks: int | None = Field(None, gt=0)  # train only the vision encoder's last k blocks
     data_workers: int = Field(2, ge=0)                 # dataloader worker processes per rank (0: in the main one)
     bad_sample_limit: float = Field(0.01, ge=0, le=1)  # the stage fails when more of the samples read are bad
     data: list[DataSource] = Field(min_length=1)
@@ -225,6 +257,11 @@ class Stage(Strict):
             problems.append(f"eval_data is missing but eval_every is {self.eval_every}")
         if self.eval_data and not self.eval_every:
             problems.append("eval_data is set but eval_every is 0 (periodic eval off); set eval_every or drop eval_data")
+        if self.vision_encoder_last_blocks is not None:
+            if not self.trains("vision_encoder"):
+                problems.append("vision_encoder_last_blocks is set but the stage freezes vision_encoder")
+            if self.lora.vision_encoder is not None:
+                problems.append("vision_encoder_last_blocks and lora.vision_encoder cannot be combined")
         if self.global_batch_size % self.micro_batch_size:
             problems.append(
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"

@@ -124,6 +124,12 @@ def build_processor(recipe: Recipe, output: Path):
     tokenizer = load_tokenizer(spec, output / "cache")
     if recipe.template != "chat":
         tokenizer.chat_template = jinja_chat_template(recipe.template)
+    if spec.vision_encoder.kind == "qwen2_vl":
+        from train.qwen2vl import Qwen2VLChatProcessor, image_processor, qwen2vl_config
+
+        vision = qwen2vl_config(spec, len(tokenizer), -1).vision_config
+        return Qwen2VLChatProcessor(tokenizer, image_processor(spec.vision_encoder, vision), IMAGE_TOKEN,
+                                    spec.image_start_end)
     vision = vision_config(spec.vision_encoder)
     return LlavaProcessor(
         image_processor=build_image_processor(spec.vision_encoder, vision),
@@ -134,6 +140,16 @@ def build_processor(recipe: Recipe, output: Path):
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=extra_vision_tokens(spec.vision_encoder),
     )
+
+
+def load_processor(recipe: Recipe, directory: Path):
+    if recipe.model.vision_encoder.kind == "qwen2_vl":
+        from train.qwen2vl import Qwen2VLChatProcessor
+
+        return Qwen2VLChatProcessor.from_pretrained(directory)
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor.from_pretrained(directory)
 
 
 def atomic_write_dir(final: Path, write) -> None:
@@ -157,6 +173,16 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
         for i, source in enumerate(stage.data)
     ]
     image_processor = processor.image_processor
+    start_end = recipe.model.image_start_end
+    if recipe.model.vision_encoder.kind == "qwen2_vl":  # dynamic resolution: token counts vary per image
+        from data_pipelines.patches import DynamicResolutionPatches
+
+        return MixtureLoader(
+            sources, tokenizer=processor.tokenizer, patchify=DynamicResolutionPatches(image_processor),
+            image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
+            template=recipe.template, tokens_per_image=None, image_start_end=start_end, max_length=stage.max_length,
+            micro_batch_size=stage.micro_batch_size, seed=recipe.seed + index, rank=rank, world_size=world_size,
+            num_workers=stage.data_workers, bad_sample_limit=stage.bad_sample_limit)
     vision = vision_config(recipe.model.vision_encoder)
     return MixtureLoader(
         sources,
@@ -168,6 +194,7 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
         resize_mode="shortest_edge_crop" if recipe.model.vision_encoder.kind == "clip" else "squash",
         template=recipe.template,
         tokens_per_image=tokens_per_image(recipe.model.vision_encoder, vision),
+        image_start_end=start_end,
         max_length=stage.max_length,
         micro_batch_size=stage.micro_batch_size,
         seed=recipe.seed + index,
@@ -181,11 +208,9 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
 
 def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, resume: str = "auto") -> list[dict]:
     """Train every stage not yet complete in `output`, then export. Returns the stage summaries."""
-    from transformers import LlavaProcessor
-
     from train import preemption
     from train.engine import MetricsLog, consolidated_state_dict, train_stage
-    from train.model import build_model, llava_config
+    from train.model import build_model, model_config
     from train.periodic_eval import build_periodic_eval
 
     preemption.install_handlers()  # before the rendezvous: a signal then must not kill the process outright
@@ -197,9 +222,9 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
             if not (output / "processor").is_dir():
                 atomic_write_dir(output / "processor", build_processor(recipe, output).save_pretrained)
         distributed.barrier()
-        processor = LlavaProcessor.from_pretrained(output / "processor")
+        processor = load_processor(recipe, output / "processor")
         tokenizer = processor.tokenizer
-        config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        config = model_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         metrics = MetricsLog(output / "metrics.jsonl") if rank == 0 else None
         first, resume_from = resume_point(output, recipe, resume)
 
@@ -261,7 +286,9 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
             from train.export import export_stage
 
             export_stage(output, previous, output / "export")
-            print(f"export: {output / 'export'} (LlavaForConditionalGeneration + AutoProcessor)", flush=True)
+            kind = "kakehashi format, train.chat.load_export" if recipe.model.vision_encoder.kind == "qwen2_vl" else \
+                "LlavaForConditionalGeneration + AutoProcessor"
+            print(f"export: {output / 'export'} ({kind})", flush=True)
         distributed.barrier()
         return summaries
     except preemption.Preempted:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from train.model import component_parameters
+from train.model import check_vision_last_blocks, component_parameters, vision_blocks
 from train.recipe import COMPONENTS, Stage
 
 log = logging.getLogger(__name__)
@@ -18,13 +18,20 @@ def apply_freeze_plan(model: nn.Module, stage: Stage) -> dict[str, dict[str, int
     """Train exactly the stage's components; freeze the rest. Logs and returns {component: {trainable, frozen}}."""
     table = {}
     adapters_only = stage.lora_components()
+    last_blocks = stage.vision_encoder_last_blocks
+    if last_blocks is not None:  # partial unfreezing: of the vision encoder, only its last k blocks train
+        total_blocks = check_vision_last_blocks(model, stage)
+        unfrozen = {id(p) for block in vision_blocks(model)[-last_blocks:] for p in block.parameters()}
     for component, params in component_parameters(model).items():
         for name, param in params:  # a LoRA component trains its adapters only
-            param.requires_grad_(stage.trains(component) and (component not in adapters_only or "lora_" in name))
+            partial = component == "vision_encoder" and last_blocks is not None and id(param) not in unfrozen
+            param.requires_grad_(stage.trains(component) and not partial
+                                 and (component not in adapters_only or "lora_" in name))
         size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 keeps the real size in ds_numel
         trainable = sum(size(p) for _, p in params if p.requires_grad)
         table[component] = {"trainable": trainable, "frozen": sum(size(p) for _, p in params) - trainable}
-    log.info("stage %s freeze plan:\n%s", stage.name, format_freeze_table(table))
+    note = f"\n  vision_encoder: last {last_blocks} of {total_blocks} blocks trained" if last_blocks is not None else ""
+    log.info("stage %s freeze plan:\n%s%s", stage.name, format_freeze_table(table), note)
     return table
 
 
