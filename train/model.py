@@ -220,7 +220,7 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
     """The vision encoder's transformer blocks, first to last (for partial unfreezing)."""
     if hasattr(model, "vision_blocks"):
         return model.vision_blocks()
-    return model.model.vision_tower.vision_model.encoder.layers  # SigLIP and CLIP alike
+    return model.model.vision_tower.encoder.layers  # SigLIP and CLIP alike (transformers 5 flattens vision_model)
 
 
 def check_vision_last_blocks(model: nn.Module, stage) -> int:

@@ -44,6 +44,7 @@ class Qwen2VLVisionLMConfig:
                 "image_token_index": self.image_token_index, "projector_norm": self.projector_norm}
 
     def save_pretrained(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
@@ -112,8 +113,9 @@ class Qwen2VLVisionLM(nn.Module):
     def logits(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, position_ids=None):
         embeds = self.embeddings(input_ids, pixel_values, image_grid_thw)
         if position_ids is not None:  # a packed row: transformers builds the block-diagonal mask from position ids
-            attention_mask = None
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+            attention_mask = None     # (only with no mask and no KV cache, hence use_cache=False)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).logits
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
         """(summed token loss, target count): the engine normalises over every target token of an optimizer step."""
@@ -215,10 +217,8 @@ def image_processor(spec, vision: Qwen2VLVisionConfig):
 
     import transformers
 
-    cls = transformers.Qwen2VLImageProcessor
-    if importlib.util.find_spec("torchvision") is None:
-        cls = transformers.Qwen2VLImageProcessorPil
-    return cls(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+    name = "Qwen2VLImageProcessor" + ("Pil" if importlib.util.find_spec("torchvision") is None else "")
+    return getattr(transformers, name)(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
                patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
                merge_size=vision.spatial_merge_size)
 
