@@ -31,3 +31,25 @@ def test_asagi_2b_has_the_published_shapes_and_schedule():
     assert pretrain["trainable"] == {"vision_encoder": 0, "projector": params["projector"], "llm": 0}
     assert finetune["trainable"] == {"vision_encoder": 0, "projector": params["projector"], "llm": params["llm"]}
     assert (pretrain["zero_stage"], finetune["zero_stage"]) == (2, 3)
+
+
+def test_sarashina2_vision_8b_has_the_published_shapes_and_schedule():
+    report = check(REPO / "recipes" / "sarashina2-vision-8b.yaml")
+    params = report["params"]
+    assert 0.6e9 <= params["vision_encoder"] <= 0.7e9   # Qwen2-VL-7B's ViT without its merger
+    assert 7.0e9 <= params["llm"] <= 7.6e9              # Sarashina2-7B
+    # the 2x2 patch merger to the LLM width (LayerNorm(1280), 5120 -> 5120 -> 4096) + LayerNorm(4096) after it
+    merger = 2 * 1280 + 5120 * 5120 + 5120 + 5120 * 4096 + 4096
+    assert params["projector"] == merger + 2 * 4096
+    projector, vision, instruct = report["stages"]
+    assert projector["trainable"] == {"vision_encoder": 0, "projector": params["projector"], "llm": 0}
+    assert vision["trainable"] == {"vision_encoder": params["vision_encoder"], "projector": params["projector"], "llm": 0}
+    assert instruct["trainable"] == {"vision_encoder": 0, "projector": params["projector"], "llm": params["llm"]}
+    assert [s["zero_stage"] for s in report["stages"]] == [2, 2, 3]
+
+
+def test_tiny_sarashina_twin_unfreezes_only_the_last_vision_block():
+    report = check(REPO / "recipes" / "tiny" / "sarashina-3stage.yaml")
+    vision = report["stages"][1]
+    assert 0 < vision["trainable"]["vision_encoder"] < report["params"]["vision_encoder"]
+    assert vision["trainable"]["vision_encoder"] + vision["frozen"]["vision_encoder"] == report["params"]["vision_encoder"]

@@ -1,0 +1,82 @@
+"""Acceptance: the tiny Sarashina twin (Qwen2-VL encoder) trains its three stages under torchrun, 2 processes, ZeRO-3,
+to an export in our format that loads back with the training model's logits; frozen parts stay bit-identical."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.train.conftest import torchrun
+from tests.train.test_qwen2vl import SARASHINA
+
+
+@pytest.fixture(scope="module")
+def twin_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sarashina")
+    recipe = yaml.safe_load(SARASHINA.read_text())
+    recipe["synthesize"].update(out=str(tmp / "shapes"), samples=60)
+    for stage in recipe["stages"]:
+        stage.update(steps=3, zero_stage=3, data_workers=0)
+        for source in stage["data"]:
+            source["shards"] = source["shards"].replace("data/tiny-shapes", str(tmp / "shapes"))
+    path = tmp / "sarashina-zero3.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    result = torchrun(path, tmp / "run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "run", result.stdout
+
+
+def stage_weights(run, name):
+    return load_file(run / "stages" / name / "model.safetensors")
+
+
+def test_three_stages_train_their_components_only(twin_run):
+    run, stdout = twin_run
+    assert "stage 3/3 instruct: 3 steps" in stdout
+    projector, vision, instruct = (stage_weights(run, n) for n in ("01-projector", "02-vision", "03-instruct"))
+    summaries = [json.loads((run / "stages" / n / "summary.json").read_text())
+                 for n in ("01-projector", "02-vision", "03-instruct")]
+    assert [sorted(c for c, n in s["trainable"].items() if n) for s in summaries] == [
+        ["projector"], ["projector", "vision_encoder"], ["llm", "projector"]]
+
+    def same(a, b, prefix):
+        return all(torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    def changed(a, b, prefix):
+        return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    assert same(projector, vision, "llm.") and changed(projector, vision, "vision.merger.")
+    # stage 2 unfreezes the last of 3 blocks only: blocks 0 and 1 and the patch embed stay bit-identical
+    assert same(projector, vision, "vision.blocks.0.") and same(projector, vision, "vision.blocks.1.")
+    assert same(projector, vision, "vision.patch_embed.") and changed(projector, vision, "vision.blocks.2.")
+    assert same(vision, instruct, "vision.patch_embed.") and same(vision, instruct, "vision.blocks.")
+    assert changed(vision, instruct, "llm.") and changed(vision, instruct, "projector_norm.")
+
+
+def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_run):
+    from PIL import Image
+
+    from train.chat import answer, load_export
+    from train.model import build_model
+    from train.qwen2vl import Qwen2VLVisionLMConfig
+    from train.recipe import load_recipe
+
+    run, _ = twin_run
+    assert json.loads((run / "export" / "config.json").read_text())["model_type"] == "kakehashi_qwen2vl"
+    assert not list((run / "export").glob("*.bin")) and not list((run / "export").glob("*.py"))
+    model, processor = load_export(run / "export")
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    trained = build_model(recipe.model, Qwen2VLVisionLMConfig.from_pretrained(run / "stages" / "03-instruct"),
+                          load_weights=False)
+    trained.load_state_dict(stage_weights(run, "03-instruct"))
+    trained.eval()
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "この図形は何色ですか？"}]}],
+        add_generation_prompt=True)
+    assert prompt.startswith("### Human: <image>")
+    inputs = processor(images=[Image.new("RGB", (48, 64), "red")], text=prompt)
+    with torch.no_grad():
+        assert torch.equal(model.logits(**inputs), trained.logits(**inputs))
+    assert isinstance(answer(model, processor, [Image.new("RGB", (64, 64), "blue")], "何色?", 4), str)
