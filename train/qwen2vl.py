@@ -203,6 +203,8 @@ def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None 
                 name = key.removeprefix("model.").removeprefix("visual.") if ".visual." in f".{key}" else None
                 if name in own and tensors.get_slice(key).get_shape() == list(own[name].shape):
                     loaded[name] = tensors.get_tensor(key)
+    if any(k.startswith("merger.") and k not in loaded for k in own):  # a merger to another width: all of it new
+        loaded = {k: v for k, v in loaded.items() if not k.startswith("merger.")}
     missing = [k for k in own if k not in loaded and not k.startswith("merger.")]
     if missing:
         raise ValueError(f"{path}: no Qwen2-VL vision weights for {', '.join(missing[:3])} ...")

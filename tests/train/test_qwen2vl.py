@@ -173,3 +173,32 @@ def test_unfreezing_more_blocks_than_the_encoder_has_is_one_line(tmp_path):
     result = kakehashi("recipe", "check", path, "--skip-data")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "stages.vision.vision_encoder_last_blocks: 4 is more than the vision encoder's 3 blocks" in result.stderr
+
+
+def test_vision_weights_load_from_a_qwen2_vl_checkpoint_and_the_merger_starts_new(tmp_path):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    recipe = load_recipe(SARASHINA, check_files=False)
+    vision = dict(recipe.model.vision_encoder.config, hidden_size=48)  # its merger projects to 48, not our LLM's 64
+    text = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=VOCAB)
+    torch.manual_seed(3)
+    checkpoint = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=text))
+    checkpoint.save_pretrained(tmp_path / "qwen2-vl")
+    recipe.model.vision_encoder.path = str(tmp_path / "qwen2-vl")
+    torch.manual_seed(0)
+    model = build_model(recipe.model, model_config(recipe.model, VOCAB, IMAGE_ID))
+    source = checkpoint.model.visual.state_dict()
+    assert all(torch.equal(p, source[n]) for n, p in model.vision.state_dict().items() if not n.startswith("merger."))
+    assert model.vision.merger.mlp[2].weight.shape == (64, 128)  # new, at the LLM's width, and all of it new:
+    assert not torch.equal(model.vision.merger.mlp[0].weight, source["merger.mlp.0.weight"])
+
+
+def test_gradient_checkpointing_keeps_the_loss(qwen_model):
+    pixels, grid = images([[1, 4, 4]])
+    input_ids = text_with_images([4])
+    loss, _ = qwen_model.train()(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
+    qwen_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, _ = qwen_model(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
+    checkpointed.backward()
+    assert torch.allclose(loss, checkpointed) and qwen_model.vision.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
