@@ -212,7 +212,10 @@ class WorkerBatches:
                                   decode_images=config.patchify is not None, max_image_pixels=config.max_image_pixels)
         tokens_per_image, patches, grid = config.tokens_per_image, None, None
         if config.patchify is not None and prepared.images:  # dynamic resolution: measure each image first
-            patches, grid = config.patchify(prepared.images)
+            try:
+                patches, grid = config.patchify(prepared.images)
+            except ValueError as err:  # e.g. smart_resize refuses an aspect ratio over 200
+                raise BadSample("unusable_image", str(err)) from None
             tokens_per_image = config.patchify.tokens(grid)
         encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=tokens_per_image,
                          max_length=config.max_length, image_start_end=config.image_start_end)

@@ -19,7 +19,8 @@ class BadSample(Exception):
     Reasons: truncated_shard, unreadable_shard, json_not_utf8, json_invalid, json_missing, image_without_json,
     duplicate_image_index (from shard_reader); json_no_known_fields, task_mismatch, empty_conversation,
     malformed_conversation, image_count_mismatch (here); not_an_image, undecodable_image, truncated_image,
-    image_too_large (images); too_long (tokenize: even the image tokens and one target do not fit).
+    image_too_large (images); unusable_image (dynamic resolution refuses it, batches); too_long (tokenize: even
+    the image tokens and one target do not fit).
     """
 
     def __init__(self, reason: str, detail: str = ""):

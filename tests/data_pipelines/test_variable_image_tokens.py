@@ -85,3 +85,15 @@ def test_loader_refuses_both_fixed_and_dynamic_counts(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         MixtureLoader([SourceSpec(["x.tar"], 1.0, "vqa", "x")], tokenizer=tokenizer, template="sarashina",
                       tokens_per_image=4, patchify=patchify(), max_length=64, micro_batch_size=1, seed=0)
+
+
+def test_an_image_dynamic_resolution_refuses_is_a_bad_sample(tmp_path, tokenizer):
+    with ShardWriter(tmp_path, "odd", 4) as writer:
+        writer.write("thin", conversation(), [("png", png_bytes((4000, 8)))])  # aspect ratio 500: smart_resize refuses
+        for i in range(3):
+            writer.write(f"ok{i}", conversation(), [("png", png_bytes((32, 32)))])
+    loader = MixtureLoader([SourceSpec(writer.paths, 1.0, "vqa", "odd")], tokenizer=tokenizer, template="sarashina",
+                           tokens_per_image=None, patchify=patchify(), max_length=256, micro_batch_size=3, seed=0,
+                           num_workers=0, shuffle_buffer=1, bad_sample_limit=1.0)
+    batch = next(loader)
+    assert "thin" not in batch["keys"] and loader.stats["bad"] == {"unusable_image": 1}
