@@ -54,11 +54,14 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> dict:
 
 
 def _concatenated(row: list[Example]) -> Example:
-    input_ids, labels, images = [], [], []
+    input_ids, labels, images, grids = [], [], [], []
     for example in row:
         input_ids += example.input_ids
         labels += [IGNORE_INDEX] + example.labels[1:]
         if example.pixel_values is not None:
             images.append(example.pixel_values)
+        if example.image_grid_thw is not None:  # dynamic resolution: grids in the order of the patches
+            grids.append(example.image_grid_thw)
     return Example(key=row[0].key, source=row[0].source, input_ids=input_ids, labels=labels,
-                   pixel_values=torch.cat(images) if images else None)
+                   pixel_values=torch.cat(images) if images else None,
+                   image_grid_thw=torch.cat(grids) if grids else None)

@@ -12,7 +12,7 @@ import torch
 
 from data_pipelines.images import normalize
 from train import checkpoint, distributed, faults, flops, preemption
-from train.model import training_module
+from train.model import towers, training_module
 from train.recipe import Stage, UsageError
 from train.reporting import MetricsLog, Progress
 from train.stages import apply_freeze_plan, build_optimizer
@@ -62,11 +62,11 @@ def enable_fast_paths(llava, stage: Stage) -> None:
     """The stage's activation checkpointing (per component) and torch.compile of the LLM's decoder layers."""
     checkpointed = (["vision_encoder", "llm"] if stage.gradient_checkpointing is True
                     else stage.gradient_checkpointing or [])
-    towers = {"vision_encoder": llava.model.vision_tower, "llm": llava.model.language_model}
+    parts = towers(llava)
     for component in checkpointed:  # non-reentrant: works with frozen inputs and under ZeRO-3
-        towers[component].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        parts[component].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if stage.compile:
-        for layer in llava.model.language_model.layers:  # per block: the graphs stay small and ZeRO hooks stay outside
+        for layer in parts["llm"].layers:  # per block: the graphs stay small and ZeRO hooks stay outside
             layer.compile()
 
 

@@ -153,6 +153,14 @@ def llava_config(spec: ModelSpec, vocab_size: int, image_token_id: int) -> Llava
     )
 
 
+def set_attn_implementation(model: nn.Module, spec: ModelSpec) -> None:
+    try:
+        model.set_attn_implementation(spec.attn_implementation)
+    except (ImportError, ValueError) as err:
+        raise RecipeError("recipe", [f"model.attn_implementation: {spec.attn_implementation} is not available "
+                                     f"here ({str(err).splitlines()[0]})"]) from None
+
+
 def model_config(spec: ModelSpec, vocab_size: int, image_token_id: int):
     """The architecture record of the recipe's VLM: a LlavaConfig, or ours for a Qwen2-VL vision encoder."""
     if spec.vision_encoder.kind == "qwen2_vl":
@@ -169,11 +177,7 @@ def build_model(spec: ModelSpec, config, *, load_weights: bool = True) -> nn.Mod
 
         return build_qwen2vl(spec, config, load_weights=load_weights)
     model = LlavaForConditionalGeneration(config)
-    try:
-        model.set_attn_implementation(spec.attn_implementation)
-    except (ImportError, ValueError) as err:
-        raise RecipeError("recipe", [f"model.attn_implementation: {spec.attn_implementation} is not available "
-                                     f"here ({str(err).splitlines()[0]})"]) from None
+    set_attn_implementation(model, spec)
     if not load_weights:
         return model
     if spec.vision_encoder.path is not None:
@@ -214,6 +218,13 @@ def component_parameters(model: LlavaForConditionalGeneration) -> dict[str, list
 def parameter_counts(model: LlavaForConditionalGeneration) -> dict[str, int]:
     # ZeRO-3 leaves an empty placeholder in `p`; ds_numel is the real size
     return {c: sum(getattr(p, "ds_numel", p.numel()) for _, p in ps) for c, ps in component_parameters(model).items()}
+
+
+def towers(model: nn.Module) -> dict[str, nn.Module]:
+    """The vision encoder's and the LLM's transformers models (activation checkpointing); the LLM's has `.layers`."""
+    if hasattr(model, "component_modules"):  # train.qwen2vl's model
+        return {"vision_encoder": model.vision, "llm": model.llm.model}
+    return {"vision_encoder": model.model.vision_tower, "llm": model.model.language_model}
 
 
 def vision_blocks(model: nn.Module) -> nn.ModuleList:

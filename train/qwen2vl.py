@@ -78,10 +78,6 @@ class Qwen2VLVisionLM(nn.Module):
     def vision_blocks(self) -> nn.ModuleList:
         return self.vision.blocks
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
     # ------------------------------------------------------------------------------------------ forward
 
     def image_features(self, pixel_values, image_grid_thw):
@@ -173,7 +169,11 @@ def qwen2vl_config(spec, vocab_size: int, image_token_id: int) -> Qwen2VLVisionL
 
 def build_qwen2vl(spec, config: Qwen2VLVisionLMConfig, *, load_weights: bool = True) -> Qwen2VLVisionLM:
     """Inline-config components start random (seed first); `path` components load weights."""
+    from train.model import set_attn_implementation
+
     model = Qwen2VLVisionLM(config)
+    set_attn_implementation(model.vision, spec)
+    set_attn_implementation(model.llm, spec)
     if not load_weights:
         return model
     if spec.vision_encoder.path is not None:

@@ -97,3 +97,23 @@ def test_an_image_dynamic_resolution_refuses_is_a_bad_sample(tmp_path, tokenizer
                            num_workers=0, shuffle_buffer=1, bad_sample_limit=1.0)
     batch = next(loader)
     assert "thin" not in batch["keys"] and loader.stats["bad"] == {"unusable_image": 1}
+
+
+def test_packed_rows_keep_grids_in_the_order_of_their_image_tokens(tmp_path, tokenizer):
+    with ShardWriter(tmp_path, "pack", 8) as writer:
+        for i in range(8):
+            writer.write(f"p{i}", conversation(), [("png", png_bytes(SIZES[i % 4]))])
+    loader = MixtureLoader([SourceSpec(writer.paths, 1.0, "vqa", "pack")], tokenizer=tokenizer, template="sarashina",
+                           tokens_per_image=None, patchify=patchify(), image_start_end=START_END, max_length=160,
+                           micro_batch_size=2, seed=0, num_workers=0, shuffle_buffer=1, packing=True)
+    batch = next(loader)
+    assert batch["num_samples"] > 2  # several samples per row
+    image_id, start = (tokenizer.convert_tokens_to_ids(t) for t in ("<image>", START_END[0]))
+    runs = []  # image-token count of each image, row-major, read off the token sequence
+    for row in batch["input_ids"].tolist():
+        for at, token in enumerate(row):
+            if token == start:
+                runs.append(next(i for i in range(at + 1, len(row)) if row[i] != image_id) - at - 1)
+    grids = batch["image_grid_thw"]
+    assert runs == (grids.prod(-1) // 4).tolist()
+    assert batch["pixel_values"].shape[0] == int(grids.prod(-1).sum())

@@ -198,7 +198,9 @@ def test_gradient_checkpointing_keeps_the_loss(qwen_model):
     pixels, grid = images([[1, 4, 4]])
     input_ids = text_with_images([4])
     loss, _ = qwen_model.train()(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
-    qwen_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from train.engine import enable_fast_paths
+
+    enable_fast_paths(qwen_model, make_stage(gradient_checkpointing=True))  # both towers, as the engine does
     checkpointed, _ = qwen_model(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
     checkpointed.backward()
     assert torch.allclose(loss, checkpointed) and qwen_model.vision.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
