@@ -70,6 +70,10 @@ class Qwen2VLVisionLM(nn.Module):
         self.projector_norm = nn.LayerNorm(hidden) if config.projector_norm else None
         self.llm = AutoModelForCausalLM.from_config(config.text_config)
 
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
     def component_modules(self) -> dict[str, list[nn.Module]]:
         projector = [self.vision.merger] + ([self.projector_norm] if self.projector_norm is not None else [])
         return {"vision_encoder": [self.vision.patch_embed, self.vision.blocks], "projector": projector,
@@ -240,7 +244,7 @@ class Qwen2VLChatProcessor:
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, images=None, text: str = "", return_tensors: str = "pt") -> dict:
+    def __call__(self, images=None, text: str = "", return_tensors: str = "pt"):
         inputs = {}
         pieces = text.split(self.image_token)
         if images:
@@ -251,8 +255,10 @@ class Qwen2VLChatProcessor:
                 raise ValueError(f"{len(pieces) - 1} {self.image_token} in the text for {len(counts)} image(s)")
             start, end = self.image_start_end or ("", "")
             text = pieces[0] + "".join(start + self.image_token * n + end + p for n, p in zip(counts, pieces[1:]))
+        from transformers import BatchFeature
+
         encoded = self.tokenizer(text, return_tensors=return_tensors)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **inputs}
+        return BatchFeature({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **inputs})
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

@@ -316,6 +316,14 @@ class Recipe(Strict):
             raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _periodic_eval_supported(self) -> Recipe:
+        evaluated = [s.name for s in self.stages if s.eval_every]
+        if evaluated and self.model.vision_encoder.kind == "qwen2_vl":  # its eval set would need per-image counts
+            raise ValueError(f"periodic eval (eval_every) is not supported with vision_encoder.kind qwen2_vl yet; "
+                             f"stages {', '.join(evaluated)}")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------- loading
 

@@ -204,3 +204,10 @@ def test_gradient_checkpointing_keeps_the_loss(qwen_model):
     checkpointed, _ = qwen_model(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
     checkpointed.backward()
     assert torch.allclose(loss, checkpointed) and qwen_model.vision.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_periodic_eval_is_refused_clearly_for_qwen2_vl():
+    text = _recipe_text(**{"stages.2.eval_every": 10,
+                           "stages.2.eval_data": [{"shards": "x.tar", "task": "vqa"}]})
+    with pytest.raises(RecipeError, match="periodic eval .* not supported with vision_encoder.kind qwen2_vl"):
+        parse_recipe(text, check_files=False)
