@@ -204,6 +204,7 @@ def train_stage(
                 "skipped": not applied,
                 "target_tokens": int(targets),
                 "tokens": int(step_tokens),
+                "samples": int(step_samples),
                 "seconds": seconds,
                 "tokens_per_s": step_tokens / seconds,
                 "samples_per_s": step_samples / seconds,
