@@ -86,8 +86,10 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
 
     model, processor = load_export(model_dir)
     tokenizer = processor.tokenizer
-    tokens_per_image = processor(images=[_blank()], text="<image>", return_tensors="pt")["input_ids"].eq(
-        model.config.image_token_index).sum().item()
+    dynamic = hasattr(processor, "image_start_end")  # a Qwen2-VL encoder: token counts depend on each image
+    if not dynamic:
+        tokens_per_image = processor(images=[_blank()], text="<image>", return_tensors="pt")["input_ids"].eq(
+            model.config.image_token_index).sum().item()
     judge_url = os.environ.get("KAKEHASHI_JUDGE_URL")
     loss_sum, loss_count = defaultdict(float), defaultdict(int)
     generation = {"samples": 0, "exact_match": 0.0, "rouge_l": 0.0, "judge": []}
@@ -102,10 +104,20 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
             continue
         seen += 1
         source = (raw.meta or {}).get("source") or shard.rsplit("-", 1)[0]
-        encoded = encode(prepared.segments, tokenizer, tokens_per_image=tokens_per_image, max_length=4096)
-        pixels = processor.image_processor(images=prepared.images, return_tensors="pt")["pixel_values"] if prepared.images else None
+        images = processor.image_processor(images=prepared.images, return_tensors="pt") if prepared.images else {}
+        if dynamic:  # as the training loader encodes it: per-image counts, start/end tokens around each image
+            grid = images.get("image_grid_thw")
+            counts = [] if grid is None else (grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist()
+            encoded = encode(prepared.segments, tokenizer, tokens_per_image=counts, max_length=4096,
+                             image_start_end=processor.image_start_end)
+        else:
+            encoded = encode(prepared.segments, tokenizer, tokens_per_image=tokens_per_image, max_length=4096)
         input_ids = torch.tensor([encoded.input_ids])
-        logits = model(input_ids=input_ids, pixel_values=pixels, attention_mask=torch.ones_like(input_ids)).logits
+        if dynamic:
+            logits = model.logits(input_ids, torch.ones_like(input_ids), images.get("pixel_values"), images.get("image_grid_thw"))
+        else:
+            logits = model(input_ids=input_ids, pixel_values=images.get("pixel_values"),
+                           attention_mask=torch.ones_like(input_ids)).logits
         labels = torch.tensor([encoded.labels])[:, 1:]
         loss_sum[source] += torch.nn.functional.cross_entropy(
             logits[0, :-1].float(), labels[0], ignore_index=-100, reduction="sum").item()

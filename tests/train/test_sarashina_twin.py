@@ -80,3 +80,16 @@ def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_r
     with torch.no_grad():
         assert torch.equal(model.logits(**inputs), trained.logits(**inputs))
     assert isinstance(answer(model, processor, [Image.new("RGB", (64, 64), "blue")], "何色?", 4), str)
+
+
+def test_kakehashi_eval_scores_the_export(twin_run):
+    from tests.conftest import kakehashi
+
+    run, _ = twin_run
+    shards = sorted((run.parent / "shapes").glob("vqa-*.tar"))[:1] + sorted((run.parent / "shapes").glob("captions-*.tar"))[:1]
+    done = kakehashi("eval", run / "export", "--data", *shards, "--max-samples", "6", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 6 and report["bad_samples"] == 0 and report["vqa_samples"] == 6
+    assert 0 < report["loss"] < 20 and set(report["loss_by_source"]) == {"synth-shapes"}  # the samples' own source field
+    assert 0 <= report["exact_match"] <= 1 and 0 <= report["rouge_l"] <= 1
