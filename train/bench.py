@@ -97,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     from train import distributed
     from train.engine import train_stage
-    from train.model import build_model, llava_config
+    from train.model import build_model, model_config
     from train.reporting import MetricsLog
     from train.run import build_processor, stage_batches, synthesize_missing_data
 
@@ -117,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict:
         try:
             processor = build_processor(recipe, work)
             tokenizer = processor.tokenizer
-            config = llava_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+            config = model_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
             torch.manual_seed(recipe.seed)
             llava = build_model(recipe.model, config, load_weights=False)  # random weights: nothing to download
             loader = stage_batches(recipe, index, processor, rank, world_size)

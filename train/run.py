@@ -182,7 +182,7 @@ def stage_batches(recipe: Recipe, index: int, processor, rank: int, world_size: 
             image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
             template=recipe.template, tokens_per_image=None, image_start_end=start_end, max_length=stage.max_length,
             micro_batch_size=stage.micro_batch_size, seed=recipe.seed + index, rank=rank, world_size=world_size,
-            num_workers=stage.data_workers, bad_sample_limit=stage.bad_sample_limit)
+            num_workers=stage.data_workers, bad_sample_limit=stage.bad_sample_limit, packing=stage.packing)
     vision = vision_config(recipe.model.vision_encoder)
     return MixtureLoader(
         sources,

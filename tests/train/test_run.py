@@ -1,8 +1,8 @@
 import pytest
 
 from train.recipe import UsageError, dump_recipe, load_recipe
-from train.run import prepare_output
-from tests.conftest import TINY_RECIPE
+from train.run import build_processor, prepare_output, stage_batches, synthesize_missing_data
+from tests.conftest import REPO, TINY_RECIPE
 
 
 def test_a_run_from_before_a_new_recipe_field_is_the_same_recipe_and_another_recipe_is_refused(tmp_path):
@@ -16,3 +16,19 @@ def test_a_run_from_before_a_new_recipe_field_is_the_same_recipe_and_another_rec
     assert (run / "recipe.yaml").read_text() == dump_recipe(recipe)
     with pytest.raises(UsageError, match="holds a run of a different recipe"):
         prepare_output(run, load_recipe(TINY_RECIPE, ["seed=1"], check_files=False), force=False, resume="auto")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("packing", [True, False])
+def test_every_tiny_recipes_loader_follows_the_stage_packing_switch(path, packing, tmp_path):
+    recipe = load_recipe(path, [f"synthesize.out={tmp_path}/data", "synthesize.samples=40",
+                                f"stages.0.packing={str(packing).lower()}", "stages.0.data_workers=0"],
+                         check_files=False)
+    for source in recipe.stages[0].data:
+        source.shards = str(source.shards).replace(str(REPO / "data/tiny-shapes"), f"{tmp_path}/data").replace(
+            "data/tiny-shapes", f"{tmp_path}/data")
+    synthesize_missing_data(recipe)
+    batch = next(stage_batches(recipe, 0, build_processor(recipe, tmp_path), rank=0, world_size=1))
+    rows = batch["input_ids"].shape[0]
+    assert ("position_ids" in batch) == packing
+    assert batch["num_samples"] > rows if packing else batch["num_samples"] == rows
