@@ -40,6 +40,8 @@ def register(bench_subparsers) -> None:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         raise UsageError("--steps and --rounds must be >= 1, --warmup >= 0")
+    # check the recipe and the stage here, before starting any run: one clear error, not one per child process
+    _stage_index(load_recipe(args.recipe, args.overrides, check_data=False), args.stage)
     if args.peak_tflops:
         from train.flops import PEAK_TFLOPS_ENV
 

@@ -24,3 +24,9 @@ def test_bench_train_refuses_an_unknown_stage_in_one_line():
     done = kakehashi("bench", "train", TINY_RECIPE, "--stage", "7", "--packing", "on")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "kakehashi: error: --stage 7: the recipe's stages are 1..2 (align, instruct)"
+
+
+def test_bench_train_refuses_a_missing_recipe_before_starting_runs(tmp_path):
+    done = kakehashi("bench", "train", tmp_path / "missing.yaml")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "cannot read recipe" in done.stderr and "bench run with" not in done.stderr
