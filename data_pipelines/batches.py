@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from data_pipelines.collate import collate
+from data_pipelines.errors import TooManyBadSamples  # raised here; still importable from here
 from data_pipelines.example import Example
 from data_pipelines.pack import collate_packed, first_fit_decreasing
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
@@ -27,10 +28,6 @@ from data_pipelines.tokenize import encode
 
 logger = logging.getLogger("data_pipelines.loader")
 MIN_SAMPLES_FOR_BAD_LIMIT = 100  # judge the bad share only once it means something
-
-
-class TooManyBadSamples(Exception):
-    """The share of bad samples read passed the loader's `bad_sample_limit`. The message is one line."""
 
 
 @dataclass

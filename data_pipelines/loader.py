@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.batches import (TooManyBadSamples, WorkerBatches, WorkerConfig, bad_share_message,
-                                    over_bad_limit)
+from data_pipelines.batches import WorkerBatches, WorkerConfig, bad_share_message, over_bad_limit
+from data_pipelines.errors import TooManyBadSamples
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
 from data_pipelines.shards import expand_shard_patterns
 from data_pipelines.templates import template_format
