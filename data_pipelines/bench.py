@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipelines.shards import ShardWriter, expand_shard_patterns, iter_raw_samples, write_manifest
+from data_pipelines.cli_common import shard_paths
+from data_pipelines.errors import UsageError
+from data_pipelines.shards import ShardWriter, iter_raw_samples, write_manifest
 
 
 def photo_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480, quality: int = 90) -> bytes:
@@ -112,19 +114,15 @@ def register(bench_subparsers) -> None:
 def cmd_bench_data(args: argparse.Namespace) -> int:
     import torch
 
-    from data_pipelines.commands import fail
     from data_pipelines.tiny_tokenizer import build_tiny_tokenizer
 
     if args.synth:
         existing = sorted(Path(args.synth).glob("photos-*.tar"))
         shards = [str(p) for p in existing] or write_photo_shards(args.synth, samples=args.synth_samples)
     elif args.shards:
-        try:
-            shards = expand_shard_patterns(args.shards)
-        except FileNotFoundError as err:
-            fail(str(err))
+        shards = shard_paths(args.shards)
     else:
-        fail("give shards or --synth DIR")
+        raise UsageError("give shards or --synth DIR")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.workers == 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for both paths

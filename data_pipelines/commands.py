@@ -1,33 +1,27 @@
 """`kakehashi data ...`: synthesize the embedded dataset, preview how shards render under a template; convert,
 verify and inspect are registered from their own modules.
 
-Bad input prints one `kakehashi: error: ...` line on stderr and exits 2.
+Bad input raises UsageError (the CLI prints it as one `kakehashi: error: ...` line on stderr and exits 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
+from data_pipelines import convert, verify
+from data_pipelines.cli_common import load_tokenizer, shard_paths
+from data_pipelines.errors import UsageError
 from data_pipelines.samples import BadSample, prepare_sample
-from data_pipelines.shards import expand_shard_patterns, iter_raw_samples
+from data_pipelines.shards import iter_raw_samples
 from data_pipelines.templates import TEMPLATES
-
-
-def fail(message: str) -> None:
-    print(f"kakehashi: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def register(subparsers) -> None:
     """Add the `data` command group to the CLI's subparsers."""
-    from data_pipelines import convert, verify
-
     data = subparsers.add_parser("data", help="dataset tools: synthesize, preview, convert, verify, inspect")
     commands = data.add_subparsers(dest="data_command", metavar="{synth,preview,convert,verify,inspect}",
                                    required=True, parser_class=type(data))
@@ -57,11 +51,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        fail(f"{out} exists and is not a folder")
+        raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and not args.force and (any(out.glob("*.tar")) or (out / "index.json").exists()):
-        fail(f"{out} already holds shards; use --force to overwrite them")
+        raise UsageError(f"{out} already holds shards; use --force to overwrite them")
     if args.samples < 1 or args.image_size < 8 or args.samples_per_shard < 1:
-        fail("--samples and --samples-per-shard must be >= 1 and --image-size >= 8")
+        raise UsageError("--samples and --samples-per-shard must be >= 1 and --image-size >= 8")
     written = synthesize(out, samples=args.samples, seed=args.seed, samples_per_shard=args.samples_per_shard,
                          image_size=args.image_size)
     parts = [f"{args.samples} {task} samples in {shard_range(paths)}" for task, paths in written.items()]
@@ -81,14 +75,11 @@ def shard_range(paths: list[str]) -> str:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     if args.template not in TEMPLATES:
-        fail(f"unknown template {args.template!r}; choose from {', '.join(TEMPLATES)}")
-    try:
-        shards = expand_shard_patterns(args.shards)
-    except FileNotFoundError as err:
-        fail(str(err))
-    tokenizer = _preview_tokenizer(args.tokenizer)
+        raise UsageError(f"unknown template {args.template!r}; choose from {', '.join(TEMPLATES)}")
+    shards = shard_paths(args.shards)
+    tokenizer = load_tokenizer(args.tokenizer)
     if args.template == "chat" and getattr(tokenizer, "chat_template", None) is None:
-        fail("template 'chat' needs --tokenizer with a chat_template")
+        raise UsageError("template 'chat' needs --tokenizer with a chat_template")
     shown = bad = 0
     for shard in shards:
         for raw in iter_raw_samples(shard):
@@ -123,24 +114,3 @@ def _print_bad(key: str, shard: str, error: str, as_json: bool) -> None:
         print(json.dumps({"key": key, "error": error}, ensure_ascii=False))
     else:
         print(f"=== {shard} :: {key}\n!!! bad sample: {error}")
-
-
-def _preview_tokenizer(path: str | None):
-    """The given tokenizer, or the tiny one (cached under $KAKEHASHI_CACHE when set). It supplies eos and, for
-    the chat template, apply_chat_template."""
-    if path is not None:
-        from transformers import AutoTokenizer
-
-        if not Path(path).is_dir():
-            fail(f"tokenizer folder {path} does not exist")
-        try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            fail(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}")
-    from data_pipelines.tiny_tokenizer import build_tiny_tokenizer, load_or_build_tiny_tokenizer
-
-    cache = os.environ.get("KAKEHASHI_CACHE")
-    if cache:
-        return load_or_build_tiny_tokenizer(Path(cache) / "tiny-ja")
-    with tempfile.TemporaryDirectory() as tmp:
-        return build_tiny_tokenizer(tmp)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from data_pipelines.errors import UsageError
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
 from data_pipelines.shards import ShardWriter, write_manifest
 from data_pipelines.templates import IMAGE_PLACEHOLDER, conversation_turns
@@ -205,14 +206,12 @@ def register(commands) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from data_pipelines.commands import fail
-
     source = Path(args.input)
     if not source.exists():
-        fail(f"input {source} does not exist")
+        raise UsageError(f"input {source} does not exist")
     out = Path(args.out)
     if out.is_dir() and any(out.glob(f"{args.name}-*.tar")):
-        fail(f"{out} already holds {args.name}-*.tar shards")
+        raise UsageError(f"{out} already holds {args.name}-*.tar shards")
     total = None
     if args.convert_kind == "hf":
         records = hf_records(str(source), args.image_column, args.text_column, args.conversations_column,
@@ -223,9 +222,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             try:
                 rows = json.loads(source.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                fail(f"{source} is not a JSON file: {err}")
+                raise UsageError(f"{source} is not a JSON file: {err}") from None
             if not isinstance(rows, list):
-                fail(f"{source} must hold a JSON list of records")
+                raise UsageError(f"{source} must hold a JSON list of records")
             total = len(rows)
         else:
             rows = jsonl_rows(source)

@@ -6,9 +6,10 @@ import argparse
 import json
 from collections import Counter
 
+from data_pipelines.cli_common import load_tokenizer, shard_paths
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image
 from data_pipelines.samples import BadSample, prepare_sample, sample_task
-from data_pipelines.shards import expand_shard_patterns, iter_raw_samples
+from data_pipelines.shards import iter_raw_samples
 
 
 def verify_shards(shards: list[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
@@ -65,12 +66,7 @@ def inspect_shards(shards: list[str], tokenizer) -> dict:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from data_pipelines.commands import fail
-
-    try:
-        shards = expand_shard_patterns(args.shards)
-    except FileNotFoundError as err:
-        fail(str(err))
+    shards = shard_paths(args.shards)
     report = verify_shards(shards, args.max_image_pixels)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
@@ -82,13 +78,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from data_pipelines.commands import _preview_tokenizer, fail
-
-    try:
-        shards = expand_shard_patterns(args.shards)
-    except FileNotFoundError as err:
-        fail(str(err))
-    report = inspect_shards(shards, _preview_tokenizer(args.tokenizer))
+    shards = shard_paths(args.shards)
+    report = inspect_shards(shards, load_tokenizer(args.tokenizer))
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
         return 0

@@ -36,8 +36,7 @@ class RecipeError(Exception):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
-class UsageError(Exception):
-    """A problem with how a command was called or where it points (exit 2, one line)."""
+from data_pipelines.errors import UsageError  # noqa: F401 (one error type for both packages)
 
 
 class Strict(BaseModel):

@@ -4,7 +4,9 @@ import json
 import pytest
 
 from data_pipelines.commands import register
+from data_pipelines.errors import UsageError
 from data_pipelines.shards import ShardWriter
+from tests.conftest import kakehashi
 
 
 @pytest.fixture(autouse=True)
@@ -19,11 +21,15 @@ def run(argv: list[str]) -> int:
     return args.func(args)
 
 
-def exit_code_and_error(argv, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
+def usage_error(argv, capsys) -> str:
+    """The one-line message of the UsageError the command raises. The command prints no error itself: the CLI
+    prints the message once, as `kakehashi: error: MESSAGE` (test_cli_prints_a_usage_error_as_one_line_and_exits_2)."""
+    with pytest.raises(UsageError) as error:
         run(argv)
-    err = capsys.readouterr().err
-    return exit_info.value.code, err
+    message = str(error.value)
+    assert message and "\n" not in message
+    assert "kakehashi: error" not in capsys.readouterr().err
+    return message
 
 
 def test_synth_writes_shards_and_refuses_to_overwrite(tmp_path, capsys):
@@ -35,10 +41,22 @@ def test_synth_writes_shards_and_refuses_to_overwrite(tmp_path, capsys):
                        f"12 vqa samples in {out}/vqa-{{000000..000002}}.tar"]
     assert len(list(out.glob("*.tar"))) == 6 and (out / "index.json").is_file()
 
-    code, err = exit_code_and_error(["data", "synth", "--out", str(out), "--samples", "5"], capsys)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("kakehashi: error: ") and "--force" in err
+    assert "--force" in usage_error(["data", "synth", "--out", str(out), "--samples", "5"], capsys)
     assert run(["data", "synth", "--out", str(out), "--samples", "5", "--image-size", "16", "--force"]) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["captions-000000.tar", "vqa-000000.tar"]
+
+
+@pytest.mark.parametrize("command,message", [
+    (["data", "synth", "--out", "{tmp}"], "{tmp} already holds shards; use --force to overwrite them"),
+    (["data", "verify", "{tmp}/missing.tar"], "no shard '{tmp}/missing.tar'"),
+])
+def test_cli_prints_a_usage_error_as_one_line_and_exits_2(tmp_path, command, message):
+    (tmp_path / "captions-000000.tar").write_bytes(b"")  # an occupied --out
+    result = kakehashi(*[arg.replace("{tmp}", str(tmp_path)) for arg in command])
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kakehashi: error:")]
+    assert errors == [f"kakehashi: error: {message.replace('{tmp}', str(tmp_path))}"], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_preview_json_shows_rendered_text_targets_and_bad_samples(tmp_path, capsys, make_png):
@@ -75,10 +93,8 @@ def test_preview_readable_form(synth_dir, capsys):
     (["{synth}/vqa-000000.tar", "--template", "chat"], "chat_template"),
     (["{synth}/vqa-000000.tar", "--template", "asagi", "--tokenizer", "no-such-dir"], "no-such-dir"),
 ])
-def test_preview_bad_input_is_one_line_exit_2(synth_dir, tmp_path, capsys, argv_tail, message):
+def test_preview_bad_input_is_a_one_line_usage_error(synth_dir, tmp_path, capsys, argv_tail, message):
     argv_tail = [arg.replace("{synth}", str(synth_dir)) for arg in argv_tail]
     if argv_tail[0].startswith("missing"):
         argv_tail[0] = f"{tmp_path}/{argv_tail[0]}"
-    code, err = exit_code_and_error(["data", "preview", *argv_tail], capsys)
-    assert code == 2
-    assert err.startswith("kakehashi: error: ") and err.count("\n") == 1 and message in err
+    assert message in usage_error(["data", "preview", *argv_tail], capsys)
