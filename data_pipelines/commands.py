@@ -39,7 +39,9 @@ def register(subparsers) -> None:
     preview.add_argument("shards", nargs="+", metavar="SHARD", help="shard paths, globs or {000000..000003} ranges")
     preview.add_argument("--template", required=True, help=f"one of: {', '.join(TEMPLATES)}")
     preview.add_argument("--limit", type=int, default=10, help="samples to print (default 10; 0 for all)")
-    preview.add_argument("--json", action="store_true", help="one JSON object per line")
+    preview.add_argument("--json", action="store_true",
+                         help='print one JSON document: {"samples": [{"key", "text", "targets"} or {"key", "error"}, '
+                              '...], "shown", "bad"}')
     preview.add_argument("--tokenizer", help="tokenizer folder (default: the built-in tiny Japanese tokenizer)")
     preview.set_defaults(func=cmd_preview)
     convert.register(commands)
@@ -81,36 +83,38 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if args.template == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise UsageError("template 'chat' needs --tokenizer with a chat_template")
     shown = bad = 0
-    for shard in shards:
-        for raw in iter_raw_samples(shard):
-            if args.limit and shown >= args.limit:
-                break
-            shown += 1
-            try:
-                sample = prepare_sample(raw, task=None, template=args.template, eos_token=tokenizer.eos_token,
-                                        tokenizer=tokenizer)
-            except BadSample as err:
-                bad += 1
-                _print_bad(raw.key, shard, err.describe(), args.json)
-                continue
-            text = "".join(segment.text for segment in sample.segments)
-            targets = [segment.text for segment in sample.segments if segment.is_target]
-            _print_sample(raw.key, shard, text, targets, args.json)
+    samples = []  # with --json, printed at the end as one document
+    for shard, entry in preview_samples(shards, args.template, tokenizer, args.limit):
+        shown += 1
+        bad += "error" in entry
+        if args.json:
+            samples.append(entry)
+        elif "error" in entry:
+            print(f"=== {shard} :: {entry['key']}\n!!! bad sample: {entry['error']}")
+        else:
+            print(f"=== {shard} :: {entry['key']}")
+            print(entry["text"])
+            print("--- targets: " + " | ".join(json.dumps(target, ensure_ascii=False) for target in entry["targets"]))
+    if args.json:
+        print(json.dumps({"samples": samples, "shown": shown, "bad": bad}, ensure_ascii=False))
     print(f"previewed {shown} sample(s), {bad} bad", file=sys.stderr)
     return 0
 
 
-def _print_sample(key: str, shard: str, text: str, targets: list[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"key": key, "text": text, "targets": targets}, ensure_ascii=False))
-        return
-    print(f"=== {shard} :: {key}")
-    print(text)
-    print("--- targets: " + " | ".join(json.dumps(target, ensure_ascii=False) for target in targets))
-
-
-def _print_bad(key: str, shard: str, error: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"key": key, "error": error}, ensure_ascii=False))
-    else:
-        print(f"=== {shard} :: {key}\n!!! bad sample: {error}")
+def preview_samples(shards: list[str], template: str, tokenizer, limit: int = 0):
+    """(shard, {"key", "text", "targets"}) per sample as the model sees it, rendered with `template`, or
+    (shard, {"key", "error"}) for a bad one; the first `limit` samples (0: all)."""
+    shown = 0
+    for shard in shards:
+        for raw in iter_raw_samples(shard):
+            if limit and shown >= limit:
+                return
+            shown += 1
+            try:
+                sample = prepare_sample(raw, task=None, template=template, eos_token=tokenizer.eos_token,
+                                        tokenizer=tokenizer)
+            except BadSample as err:
+                yield shard, {"key": raw.key, "error": err.describe()}
+                continue
+            yield shard, {"key": raw.key, "text": "".join(segment.text for segment in sample.segments),
+                          "targets": [segment.text for segment in sample.segments if segment.is_target]}

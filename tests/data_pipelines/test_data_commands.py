@@ -6,6 +6,7 @@ import pytest
 from data_pipelines.commands import register
 from data_pipelines.errors import UsageError
 from data_pipelines.shards import ShardWriter
+from data_pipelines.testing import write_bad_shards
 from tests.conftest import kakehashi
 
 
@@ -59,6 +60,19 @@ def test_cli_prints_a_usage_error_as_one_line_and_exits_2(tmp_path, command, mes
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize("command,code,keys", [
+    (["data", "preview", "--template", "asagi", "--limit", "0"], 0, {"samples", "shown", "bad"}),
+    (["data", "verify"], 1, {"samples_ok", "samples_bad", "bad"}),
+    (["data", "inspect"], 0, {"samples", "kinds", "sources", "images", "text_tokens"}),
+])
+def test_cli_json_is_one_document_on_stdout(tmp_path, command, code, keys):
+    """What `| python -m json.tool` needs, through the real CLI (which logs to stdout), on shards with bad samples."""
+    paths, _ = write_bad_shards(tmp_path, good=4)
+    result = kakehashi(*command[:2], *paths, *command[2:], "--json")
+    assert result.returncode == code, result.stderr[-3000:]
+    assert keys <= json.loads(result.stdout).keys()
+
+
 def test_preview_json_shows_rendered_text_targets_and_bad_samples(tmp_path, capsys, make_png):
     with ShardWriter(tmp_path, "mixed", 10) as writer:
         writer.write("cap", {"caption": "赤色の円。"}, [("png", make_png())])
@@ -68,14 +82,16 @@ def test_preview_json_shows_rendered_text_targets_and_bad_samples(tmp_path, caps
         writer.write("more", {"caption": "y"}, [("png", make_png())])
     assert run(["data", "preview", f"{tmp_path}/mixed-*.tar", "--template", "sarashina", "--json", "--limit", "3"]) == 0
     captured = capsys.readouterr()
-    lines = [json.loads(line) for line in captured.out.splitlines()]
-    assert lines == [
+    report = json.loads(captured.out)  # the whole of stdout is one JSON document
+    samples = report["samples"]
+    assert samples == [
         {"key": "cap", "text": "<image>\n赤色の円。</s>", "targets": ["赤色の円。</s>"]},
         {"key": "qa", "text": "### Human: <image>\nこの図形は何ですか？\n### Assistant: 円です。</s>\n",
          "targets": ["円です。</s>"]},
-        {"key": "broken", "error": lines[2]["error"]},
+        {"key": "broken", "error": samples[2]["error"]},
     ]
-    assert lines[2]["error"].startswith("not_an_image")
+    assert samples[2]["error"].startswith("not_an_image")
+    assert report["shown"] == 3 and report["bad"] == 1
     assert "3 sample(s), 1 bad" in captured.err
 
 
