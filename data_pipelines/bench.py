@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipelines.cli_common import shard_paths
+from data_pipelines.cli_common import logs_on_stderr, shard_paths
 from data_pipelines.errors import UsageError
 from data_pipelines.shards import ShardWriter, iter_raw_samples, write_manifest
 
@@ -132,9 +132,10 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         tokenizer = build_tiny_tokenizer(tmp)
     # alternate the two paths and take medians, so a neighbour's load on the machine hits both alike
     fast_runs, baseline_runs = [], []
-    for _ in range(args.rounds):
-        fast_runs.append(loader_samples_per_s(shards, args.image_size, args.workers, args.samples, tokenizer))
-        baseline_runs.append(baseline_samples_per_s(shards, args.image_size, args.samples))
+    with logs_on_stderr(args.json):  # the loader logs the bad samples it skips
+        for _ in range(args.rounds):
+            fast_runs.append(loader_samples_per_s(shards, args.image_size, args.workers, args.samples, tokenizer))
+            baseline_runs.append(baseline_samples_per_s(shards, args.image_size, args.samples))
     fast, baseline = statistics.median(fast_runs), statistics.median(baseline_runs)
     report = {"samples_per_s": round(fast, 1), "baseline_samples_per_s": round(baseline, 1),
               "ratio": round(fast / baseline, 2), "round_ratios": [round(f / b, 2) for f, b in zip(fast_runs, baseline_runs)],

@@ -4,7 +4,8 @@ import json
 from PIL import Image
 
 from data_pipelines.bench import photo_jpeg, register
-from data_pipelines.shards import iter_raw_samples
+from data_pipelines.shards import ShardWriter, iter_raw_samples
+from tests.conftest import kakehashi
 
 
 def run_bench(argv):
@@ -24,6 +25,20 @@ def test_bench_data_measures_both_paths_on_synthetic_photos(tmp_path, capsys):
     samples = [s for path in sorted(tmp_path.glob("photos-*.tar")) for s in iter_raw_samples(str(path))]
     assert len(samples) == 12 and samples[0].image_exts == ["jpg"]
     assert (tmp_path / "index.json").is_file()
+
+
+def test_bench_data_json_is_the_only_stdout_of_the_cli_even_when_the_loader_skips_samples(tmp_path, make_png):
+    """The kakehashi CLI logs to stdout; with --json the loader's 'skipping bad sample' lines go to stderr."""
+    with ShardWriter(tmp_path, "mixed", 10) as writer:
+        for i in range(4):
+            writer.write(f"good{i}", {"caption": f"赤い円{i}。"}, [("png", make_png())])
+            writer.write(f"bad{i}", {"conversations": []}, [("png", make_png())])
+    result = kakehashi("bench", "data", tmp_path / "mixed-000000.tar", "--samples", "8", "--image-size", "64",
+                       "--rounds", "1", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["samples_per_s"] > 0 and report["shards"] == 1
+    assert "skipping bad sample: " in result.stderr
 
 
 def test_synthetic_photos_look_like_photos():
