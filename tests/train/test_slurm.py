@@ -22,7 +22,13 @@ from tests.conftest import REPO, kakehashi
 from tests.train.conftest import losses, short_recipe, torchrun
 
 STEPS = (2, 200)  # stage 2 long enough (about 20 s) to be signalled mid-stage
-JOB_TIMEOUT = 150  # seconds for one job, requeue wait (AuthInfo=cred_expire=10) included
+# Waits poll the job (or process) and end as soon as what they wait for happens, or fail as soon as it no longer
+# can: a failed job state, a traceback in the log, a job or process that ended first. WAIT_BOUND only stops a wait
+# that nothing decides; it is generous so that a loaded machine (2 cores shared with other tests) is not a failure.
+WAIT_BOUND = 900  # seconds
+POLL = 0.5  # seconds between looks
+FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+TRACEBACK = "Traceback (most recent call last):"
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +44,50 @@ def cluster():
 
 
 def job_field(job: str, name: str) -> str:
-    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
-    match = re.search(rf"\b{name}=(\S+)", shown)
+    """A field of `scontrol show job`; '' when scontrol did not answer (a busy slurmctld: the next poll asks again)."""
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    if "Invalid job id" in shown.stderr:  # finished more than MinJobAge ago, or never submitted
+        raise AssertionError(f"slurmctld does not know job {job}: {shown.stderr.strip()}")
+    match = re.search(rf"\b{name}=(\S+)", shown.stdout)
     return match.group(1) if match else ""
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def log_tail(log, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else f"(no log at {log})"
+
+
+def traceback_in(log) -> bool:
+    return log.exists() and TRACEBACK in log.read_text(errors="replace")
+
+
+def wait_for(predicate, what: str, failed=lambda: None, log=None):
+    """Poll `predicate` until it returns a true value, and return that. `failed()` returns why waiting on is
+    pointless (then fail at once), else None. Fails after WAIT_BOUND s only when neither has decided."""
+    deadline = time.monotonic() + WAIT_BOUND
+    while True:
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        problem = failed()
+        if problem is None and time.monotonic() > deadline:
+            problem = f"not within {WAIT_BOUND} s, and nothing failed"
+        if problem:
+            tail = f"\nlog tail:\n{log_tail(log)}" if log is not None else ""
+            raise AssertionError(f"gave up waiting for {what}: {problem}{tail}")
+        time.sleep(POLL)
+
+
+def job_failed(job: str, log, *, completed_is_failure: bool = True):
+    """A `failed` check for wait_for: the job reached a failed state (or, unless waited for, COMPLETED), or its log
+    shows a traceback."""
+    def check() -> str | None:
+        state = job_field(job, "JobState")
+        if state in FAILED_STATES or (completed_is_failure and state == "COMPLETED"):
+            return f"job {job} is {state} (reason {job_field(job, 'Reason') or '?'})"
+        if traceback_in(log):
+            return f"the log of job {job} ({state or 'state unknown'}) shows a traceback"
+        return None
+    return check
 
 
 def submit(recipe, output, *args) -> str:
@@ -62,10 +99,8 @@ def submit(recipe, output, *args) -> str:
 
 
 def wait_until_finished(job: str, log) -> str:
-    state = wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-                     and job_field(job, "JobState"), JOB_TIMEOUT, f"job {job} to finish")
-    assert state == "COMPLETED", f"job {job} {state}:\n{log.read_text()[-4000:] if log.exists() else 'no log'}"
-    return state
+    return wait_for(lambda: job_field(job, "JobState") == "COMPLETED" and "COMPLETED", f"job {job} to complete",
+                    job_failed(job, log, completed_is_failure=False), log)
 
 
 def final_weights(run):
@@ -111,12 +146,12 @@ def test_sigusr1_mid_stage_checkpoints_requeues_and_resumes_to_the_same_losses(u
     log = tmp_path / "slurm-logs" / f"run-{job}.out"
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and '"stage": "instruct", "step": 5,' in metrics.read_text(),
-             JOB_TIMEOUT, "stage 2 to reach step 5")
+             f"job {job}'s stage 2 to reach step 5", job_failed(job, log), log)
     # what `#SBATCH --signal=USR1@N` does before the time limit: USR1 to every step of the job (not the batch shell)
     signalled = subprocess.run(["scancel", "--signal=USR1", job], capture_output=True, text=True)
     assert signalled.returncode == 0, signalled.stderr
 
-    wait_for(lambda: job_field(job, "Restarts") == "1", JOB_TIMEOUT, f"job {job} to be requeued")
+    wait_for(lambda: job_field(job, "Restarts") == "1", f"job {job} to be requeued", job_failed(job, log), log)
     wait_until_finished(job, log)
     text = log.read_text()
     stopped = re.findall(r"stage instruct: stopped at step (\d+) on request; checkpoint saved", text)
@@ -187,11 +222,19 @@ def test_outside_slurm_sigterm_to_the_agent_reaches_the_workers_which_save_and_e
     with log.open("w") as out:
         agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         metrics = run / "metrics.jsonl"
+
+        def agent_failed() -> str | None:
+            if agent.poll() is not None:
+                return f"the agent exited {agent.returncode}"
+            return "the log shows a traceback" if traceback_in(log) else None
+
         try:
             wait_for(lambda: metrics.is_file() and '"stage": "instruct", "step": 5,' in metrics.read_text(),
-                     JOB_TIMEOUT, "stage 2 to reach step 5")
+                     "stage 2 to reach step 5", agent_failed, log)
             agent.send_signal(signal.SIGTERM)
-            assert agent.wait(timeout=120) == 143, log.read_text()[-4000:]
+            wait_for(lambda: agent.poll() is not None, "the agent to exit after SIGTERM",
+                     lambda: "the log shows a traceback" if traceback_in(log) else None, log)
+            assert agent.returncode == 143, log_tail(log)
         finally:
             agent.kill()
     text = log.read_text()
