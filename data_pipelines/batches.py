@@ -19,8 +19,8 @@ from PIL import Image
 from data_pipelines.collate import collate
 from data_pipelines.errors import TooManyBadSamples  # raised here; still importable from here
 from data_pipelines.example import Example
-from data_pipelines.pack import collate_packed, first_fit_decreasing
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
+from data_pipelines.pack import collate_packed, first_fit_decreasing
 from data_pipelines.samples import BadSample, prepare_sample
 from data_pipelines.shard_reader import RawSample
 from data_pipelines.streams import SourceStream, StreamState, UnitPlan, seeded_rng
@@ -55,7 +55,7 @@ class WorkerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     bad_sample_limit: float = 0.01
     packing: bool = False  # rows hold several examples up to max_length tokens (see pack.py)
-    patchify: Callable | None = None  # patches.DynamicResolutionPatches (Qwen2-VL); then neither image_size nor transform
+    patchify: Callable | None = None  # patches.DynamicResolutionPatches (Qwen2-VL): no image_size, no transform
     image_start_end: tuple[str, str] | None = None  # special tokens around each image's tokens
 
 
@@ -192,47 +192,52 @@ class WorkerBatches:
                 self.bad[bad.reason] += 1
                 self.bad_log.append(f"shard={raw.shard} key={raw.key} {bad.describe()}")
                 if over_bad_limit(self.bad, self.samples, self.config.bad_sample_limit):
-                    raise TooManyBadSamples(bad_share_message(self.bad, self.samples, self.config.bad_sample_limit))
+                    limit = self.config.bad_sample_limit
+                    raise TooManyBadSamples(bad_share_message(self.bad, self.samples, limit)) from None
                 if stream.units_read - self.units_at_good[source] > stream.plan.units_per_epoch + stream.block_size:
                     raise RuntimeError(f"source {self.config.names[source]!r} gave rank {self.config.rank} worker "
-                                       f"{self.worker} no usable sample in a whole epoch")
+                                       f"{self.worker} no usable sample in a whole epoch") from None
                 continue
             self.samples += 1
             self.units_at_good[source] = stream.units_read
             return example
 
     def build_example(self, raw: RawSample, source: int) -> Example:
-        """Check, render, tokenize and decode one raw sample. Raises BadSample."""
-        config = self.config
-        prepared = prepare_sample(raw, task=config.tasks[source], template=config.template,
-                                  eos_token=config.tokenizer.eos_token, tokenizer=config.tokenizer,
-                                  decode_images=config.patchify is not None, max_image_pixels=config.max_image_pixels)
-        tokens_per_image, patches, grid = config.tokens_per_image, None, None
-        if config.patchify is not None and prepared.images:  # dynamic resolution: measure each image first
-            try:
-                patches, grid = config.patchify(prepared.images)
-            except ValueError as err:  # e.g. smart_resize refuses an aspect ratio over 200
-                raise BadSample("unusable_image", str(err)) from None
-            tokens_per_image = config.patchify.tokens(grid)
-        encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=tokens_per_image,
-                         max_length=config.max_length, image_start_end=config.image_start_end)
-        if encoded is None:
-            raise BadSample("too_long", f"no target token fits in {config.max_length} tokens")
-        if config.patchify is not None:
-            kept = int(grid[: encoded.num_images].prod(-1).sum()) if encoded.num_images else 0
-            return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
-                           labels=encoded.labels, pixel_values=patches[:kept] if kept else None,
-                           image_grid_thw=grid[: encoded.num_images] if kept else None)
-        images = raw.images[: encoded.num_images]  # truncation may drop whole trailing images
-        pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
+        return build_example(self.config, raw, source)
+
+
+def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
+    """Check, render, tokenize and decode one raw sample of source `source` as every loader does (training and
+    periodic eval alike). Raises BadSample."""
+    prepared = prepare_sample(raw, task=config.tasks[source], template=config.template,
+                              eos_token=config.tokenizer.eos_token, tokenizer=config.tokenizer,
+                              decode_images=config.patchify is not None, max_image_pixels=config.max_image_pixels)
+    tokens_per_image, patches, grid = config.tokens_per_image, None, None
+    if config.patchify is not None and prepared.images:  # dynamic resolution: measure each image first
         try:
-            if images and config.image_size is not None:
-                pixel_values = torch.stack([load_pixels(data, config.image_size, config.resize_mode,
-                                                        config.max_image_pixels) for data in images])
-            elif images:
-                pixel_values = config.image_transform([decode_image(data, config.max_image_pixels)
-                                                       for data in images])
-        except ImageError as err:
-            raise BadSample(err.reason, str(err)) from None
+            patches, grid = config.patchify(prepared.images)
+        except ValueError as err:  # e.g. smart_resize refuses an aspect ratio over 200
+            raise BadSample("unusable_image", str(err)) from None
+        tokens_per_image = config.patchify.tokens(grid)
+    encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=tokens_per_image,
+                     max_length=config.max_length, image_start_end=config.image_start_end)
+    if encoded is None:
+        raise BadSample("too_long", f"no target token fits in {config.max_length} tokens")
+    if config.patchify is not None:
+        kept = int(grid[: encoded.num_images].prod(-1).sum()) if encoded.num_images else 0
         return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
-                       labels=encoded.labels, pixel_values=pixel_values)
+                       labels=encoded.labels, pixel_values=patches[:kept] if kept else None,
+                       image_grid_thw=grid[: encoded.num_images] if kept else None)
+    images = raw.images[: encoded.num_images]  # truncation may drop whole trailing images
+    pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
+    try:
+        if images and config.image_size is not None:
+            pixel_values = torch.stack([load_pixels(data, config.image_size, config.resize_mode,
+                                                    config.max_image_pixels) for data in images])
+        elif images:
+            pixel_values = config.image_transform([decode_image(data, config.max_image_pixels)
+                                                   for data in images])
+    except ImageError as err:
+        raise BadSample(err.reason, str(err)) from None
+    return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
+                   labels=encoded.labels, pixel_values=pixel_values)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -21,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipelines.cli_common import logs_on_stderr, shard_paths
+from data_pipelines.cli_common import shard_paths
 from data_pipelines.errors import UsageError
+from data_pipelines.output import result, result_json
 from data_pipelines.shards import ShardWriter, iter_raw_samples, write_manifest
 
 
@@ -132,19 +132,19 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         tokenizer = build_tiny_tokenizer(tmp)
     # alternate the two paths and take medians, so a neighbour's load on the machine hits both alike
     fast_runs, baseline_runs = [], []
-    with logs_on_stderr(args.json):  # the loader logs the bad samples it skips
-        for _ in range(args.rounds):
-            fast_runs.append(loader_samples_per_s(shards, args.image_size, args.workers, args.samples, tokenizer))
-            baseline_runs.append(baseline_samples_per_s(shards, args.image_size, args.samples))
+    for _ in range(args.rounds):
+        fast_runs.append(loader_samples_per_s(shards, args.image_size, args.workers, args.samples, tokenizer))
+        baseline_runs.append(baseline_samples_per_s(shards, args.image_size, args.samples))
     fast, baseline = statistics.median(fast_runs), statistics.median(baseline_runs)
     report = {"samples_per_s": round(fast, 1), "baseline_samples_per_s": round(baseline, 1),
-              "ratio": round(fast / baseline, 2), "round_ratios": [round(f / b, 2) for f, b in zip(fast_runs, baseline_runs)],
+              "ratio": round(fast / baseline, 2),
+              "round_ratios": [round(f / b, 2) for f, b in zip(fast_runs, baseline_runs)],
               "image_size": args.image_size, "workers": args.workers, "cores": cores, "samples": args.samples,
               "shards": len(shards)}
     if args.json:
-        print(json.dumps(report))
+        result_json(report)
     else:
-        print(f"loader: {report['samples_per_s']} samples/s ({args.workers} workers, {cores} core(s)); "
+        result(f"loader: {report['samples_per_s']} samples/s ({args.workers} workers, {cores} core(s)); "
               f"PIL + SiglipImageProcessor: {report['baseline_samples_per_s']} samples/s; "
               f"ratio {report['ratio']}x", file=sys.stdout)
     return 0

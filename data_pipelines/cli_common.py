@@ -3,11 +3,8 @@ with. Imports none of the command modules (commands, convert, verify, bench), so
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from data_pipelines.errors import UsageError
@@ -41,23 +38,3 @@ def load_tokenizer(path: str | None):
         return load_or_build_tiny_tokenizer(Path(cache) / "tiny-ja")
     with tempfile.TemporaryDirectory() as tmp:
         return build_tiny_tokenizer(tmp)
-
-
-@contextmanager
-def logs_on_stderr(enabled: bool = True):
-    """While it runs, what data_pipelines logs (the loader's skipped samples) goes to stderr alone, not to the root
-    logger's handlers, which the kakehashi CLI points at stdout: a --json command's stdout holds only its document."""
-    if not enabled:
-        yield
-        return
-    logger = logging.getLogger("data_pipelines")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    propagate = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate

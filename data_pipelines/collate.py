@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from data_pipelines.example import Example
+from data_pipelines.images import normalize
 from data_pipelines.tokenize import IGNORE_INDEX
 
 
@@ -44,3 +45,16 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         "keys": [example.key for example in examples],
         "sources": [example.source for example in examples],
     }
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "pixel_values", "image_grid_thw")
+
+
+def model_inputs(batch: dict, device, image_mean=None, image_std=None) -> dict:
+    """A collated micro-batch's model inputs on `device` (those it has); uint8 pixels (the loader's workers hand
+    them over at the model's input size) are normalised there with the image processor's mean and std."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+    pixels = inputs.get("pixel_values")
+    if pixels is not None and pixels.dtype == torch.uint8:
+        inputs["pixel_values"] = normalize(pixels, image_mean, image_std)
+    return inputs

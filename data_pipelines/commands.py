@@ -15,6 +15,7 @@ from pathlib import Path
 from data_pipelines import convert, verify
 from data_pipelines.cli_common import load_tokenizer, shard_paths
 from data_pipelines.errors import UsageError
+from data_pipelines.output import result, result_json
 from data_pipelines.samples import BadSample, prepare_sample
 from data_pipelines.shards import iter_raw_samples
 from data_pipelines.templates import TEMPLATES
@@ -61,7 +62,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     written = synthesize(out, samples=args.samples, seed=args.seed, samples_per_shard=args.samples_per_shard,
                          image_size=args.image_size)
     parts = [f"{args.samples} {task} samples in {shard_range(paths)}" for task, paths in written.items()]
-    print(f"synthesized {', '.join(parts)}")
+    result(f"synthesized {', '.join(parts)}")
     return 0
 
 
@@ -90,13 +91,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
         if args.json:
             samples.append(entry)
         elif "error" in entry:
-            print(f"=== {shard} :: {entry['key']}\n!!! bad sample: {entry['error']}")
+            result(f"=== {shard} :: {entry['key']}\n!!! bad sample: {entry['error']}")
         else:
-            print(f"=== {shard} :: {entry['key']}")
-            print(entry["text"])
-            print("--- targets: " + " | ".join(json.dumps(target, ensure_ascii=False) for target in entry["targets"]))
+            result(f"=== {shard} :: {entry['key']}")
+            result(entry["text"])
+            result("--- targets: " + " | ".join(json.dumps(target, ensure_ascii=False) for target in entry["targets"]))
     if args.json:
-        print(json.dumps({"samples": samples, "shown": shown, "bad": bad}, ensure_ascii=False))
+        result_json({"samples": samples, "shown": shown, "bad": bad})
     print(f"previewed {shown} sample(s), {bad} bad", file=sys.stderr)
     return 0
 

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 
 from data_pipelines.errors import UsageError
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
+from data_pipelines.output import result
 from data_pipelines.shards import ShardWriter, write_manifest
 from data_pipelines.templates import IMAGE_PLACEHOLDER, conversation_turns
 
@@ -230,6 +231,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
             rows = jsonl_rows(source)
         records = file_records(rows, images_dir, args.source)
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes), total)
-    print(f"converted: kept {summary['kept']}, skipped {summary['skipped']}, "
+    result(f"converted: kept {summary['kept']}, skipped {summary['skipped']}, "
           f"{summary['shards']} shard(s) in {out}/{args.name}-*.tar")
     return 0

@@ -10,8 +10,8 @@ loader keeps the state of the last batch it returned per worker, which is exactl
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.batches import WorkerBatches, WorkerConfig, bad_share_message, over_bad_limit
+from data_pipelines.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
 from data_pipelines.errors import TooManyBadSamples
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
 from data_pipelines.shards import expand_shard_patterns
@@ -73,7 +73,8 @@ class MixtureLoader:
     logical workers in-process (same batches; handy for debugging). Bad samples are skipped, logged with shard and
     key, and counted in `stats`; past `bad_sample_limit` (share of samples read, judged from 100 on) `next()`
     raises TooManyBadSamples. With `packing`, each of the micro_batch_size rows holds several examples up to
-    max_length tokens, with position_ids restarting per example (pack.py). `state_dict()` / `load_state_dict()` resume exactly at a micro-batch boundary
+    max_length tokens, with position_ids restarting per example (pack.py). `state_dict()` / `load_state_dict()`
+    resume exactly at a micro-batch boundary
     (same rank, world_size, num_workers, sources and seed).
     """
 
@@ -155,6 +156,11 @@ class MixtureLoader:
             raise TooManyBadSamples(bad_share_message(stats["bad"], stats["samples"], self.config.bad_sample_limit))
         return batch
 
+    def build_example(self, raw, source: int):
+        """One raw sample of source index `source` -> the Example this loader's batches would hold (BadSample if
+        unusable): the per-sample path of training, for callers that pick their own samples (periodic eval)."""
+        return build_example(self.config, raw, source)
+
     def close(self) -> None:
         """Stop the worker processes; the next `next()` starts them again from the current state."""
         self._iterator = None  # the DataLoader iterator shuts its workers down when collected
@@ -180,7 +186,8 @@ class MixtureLoader:
         return {
             "version": STATE_VERSION, "seed": config.seed, "rank": config.rank, "world_size": config.world_size,
             "num_workers": config.num_workers, "sources": list(config.names), "shards": self._shards_fingerprint(),
-            "packing": config.packing, "batches": self._batches_returned, "workers": [dict(s) if s else None for s in self._worker_states],
+            "packing": config.packing, "batches": self._batches_returned,
+            "workers": [dict(s) if s else None for s in self._worker_states],
         }
 
     def _shards_fingerprint(self) -> str:

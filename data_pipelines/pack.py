@@ -14,7 +14,8 @@ from data_pipelines.example import Example
 from data_pipelines.tokenize import IGNORE_INDEX
 
 
-def first_fit_decreasing(lengths: list[int], rows: int, capacity: int, priority: list[bool] | None = None) -> list[list[int]]:
+def first_fit_decreasing(lengths: list[int], rows: int, capacity: int,
+                         priority: list[bool] | None = None) -> list[list[int]]:
     """Place items (by index) into `rows` bins of `capacity` tokens: prioritised items first, then longest first,
     each into the first row it fits. Items that fit nowhere are left out (the caller keeps them for later).
     Ties keep index order, so the placement depends only on the inputs."""

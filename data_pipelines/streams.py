@@ -115,7 +115,7 @@ class SourceStream:
         if self._reader is None or start != self._next_block_start:
             self._reader = self._read_from(start)
         self._block, cursor = [], start
-        for sample, cursor in self._reader:
+        for sample, cursor in self._reader:  # noqa: B007 - the cursor after the last sample read is kept below
             self._block.append(sample)
             if len(self._block) == self.block_size:
                 break

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 QUESTION, ANSWER = "この図形は何色ですか？", "赤色です。"
 
 

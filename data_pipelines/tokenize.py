@@ -47,7 +47,9 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
             if i > 0:  # an image placeholder stood before this piece
                 image_starts.append(len(input_ids))
                 count = counts[len(image_starts) - 1] if counts is not None else tokens_per_image
-                block = [image_id] * count if start_end is None else [start_end[0]] + [image_id] * count + [start_end[1]]
+                block = [image_id] * count
+                if start_end is not None:
+                    block = [start_end[0], *block, start_end[1]]
                 input_ids += block
                 labels += [IGNORE_INDEX] * len(block)
                 image_ends.append(len(input_ids))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 
 from data_pipelines.cli_common import load_tokenizer, shard_paths
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image
+from data_pipelines.output import result, result_json
 from data_pipelines.samples import BadSample, prepare_sample, sample_task
 from data_pipelines.shards import iter_raw_samples
 
@@ -69,11 +69,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     shards = shard_paths(args.shards)
     report = verify_shards(shards, args.max_image_pixels)
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        result_json(report)
     else:
         for entry in report["bad"]:
-            print(f"bad: {entry['shard']} :: {entry['key']}: {entry['detail']}")
-        print(f"{report['samples_ok']} sample(s) ok, {report['samples_bad']} bad in {len(shards)} shard(s)")
+            result(f"bad: {entry['shard']} :: {entry['key']}: {entry['detail']}")
+        result(f"{report['samples_ok']} sample(s) ok, {report['samples_bad']} bad in {len(shards)} shard(s)")
     return 1 if report["samples_bad"] else 0
 
 
@@ -81,11 +81,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     shards = shard_paths(args.shards)
     report = inspect_shards(shards, load_tokenizer(args.tokenizer))
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        result_json(report)
         return 0
-    print(f"{report['samples']} samples, {report['images']} images in {len(shards)} shard(s)")
+    result(f"{report['samples']} samples, {report['images']} images in {len(shards)} shard(s)")
     for title in ("kinds", "sources", "image_width", "image_height", "text_tokens"):
-        print(f"{title}: " + ", ".join(f"{name}: {count}" for name, count in report[title].items()))
+        result(f"{title}: " + ", ".join(f"{name}: {count}" for name, count in report[title].items()))
     return 0
 
 

@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train.recipe import IMAGE_TOKEN, Recipe, UsageError, load_recipe
+from data_pipelines.output import result, result_json
+from train.errors import UsageError
+from train.recipe import Recipe, load_recipe
 
 
 def register(bench_subparsers) -> None:
@@ -57,15 +59,16 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                   "samples_per_s_ratio": round(runs["on"]["samples_per_s"] / runs["off"]["samples_per_s"], 2),
                   "round_ratios": [round(r["on"]["tokens_per_s"] / r["off"]["tokens_per_s"], 2) for r in rounds]}
     if args.json:
-        print(json.dumps(report))
+        result_json(report)
     else:
         for name, run in ([("packed", report["packed"]), ("unpacked", report["unpacked"])]
                           if "packed" in report else [(f"packing {args.packing}", report)]):
             mfu = "n/a (unknown peak; --peak-tflops)" if run["mfu"] is None else f"{run['mfu']:.1%}"
-            print(f"{name}: {run['tokens_per_s']:,.0f} real tokens/s, {run['samples_per_s']:,.1f} samples/s, "
-                  f"non-pad {run['nonpad_fraction']:.3f}, MFU {mfu}, peak memory {run['peak_mem_bytes'] / 2**30:.2f} GiB")
+            result(f"{name}: {run['tokens_per_s']:,.0f} real tokens/s, {run['samples_per_s']:,.1f} samples/s, "
+                   f"non-pad {run['nonpad_fraction']:.3f}, MFU {mfu}, "
+                   f"peak memory {run['peak_mem_bytes'] / 2**30:.2f} GiB")
         if "tokens_per_s_ratio" in report:
-            print(f"packed / unpacked: {report['tokens_per_s_ratio']}x real tokens/s")
+            result(f"packed / unpacked: {report['tokens_per_s_ratio']}x real tokens/s")
     return 0
 
 
@@ -81,7 +84,7 @@ def _child(args: argparse.Namespace, mode: str) -> dict:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise UsageError(f"bench run with --packing {mode} failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout)  # stdout holds the result document only
 
 
 def _stage_index(recipe: Recipe, stage: str) -> int:
@@ -98,10 +101,12 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from train import distributed
+    from train.data import stage_loader
     from train.engine import train_stage
-    from train.model import build_model, model_config
+    from train.hooks import stage_hooks
+    from train.models import family_for, model_config
     from train.reporting import MetricsLog
-    from train.run import build_processor, stage_batches, synthesize_missing_data
+    from train.run import build_processor, synthesize_missing_data
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=False)
     index = _stage_index(recipe, args.stage)
@@ -117,18 +122,19 @@ def measure(args: argparse.Namespace) -> dict:
         recipe.stages[index] = stage
         rank, world_size = distributed.init_distributed()
         try:
-            processor = build_processor(recipe, work)
-            tokenizer = processor.tokenizer
-            config = model_config(recipe.model, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+            family, processor = family_for(recipe.model), build_processor(recipe, work / "cache")
+            config = model_config(recipe.model, processor.tokenizer)
             torch.manual_seed(recipe.seed)
-            llava = build_model(recipe.model, config, load_weights=False)  # random weights: nothing to download
-            loader = stage_batches(recipe, index, processor, rank, world_size)
-            metrics = MetricsLog(work / "metrics.jsonl")
+            model = family.build(recipe.model, config, load_weights=False)  # random weights: nothing to download
+            loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
+            metrics = MetricsLog(work / "metrics.jsonl") if rank == 0 else None
             device = distributed.device()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            train_stage(llava, stage, loader, metrics if rank == 0 else None, rank=rank, world_size=world_size)
-            records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+            train_stage(family, model, stage, loader, rank=rank, world_size=world_size,
+                        hooks=stage_hooks(stage, rank=rank, metrics=metrics))
+            lines = (work / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
+            records = [json.loads(line) for line in lines]
             peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
         finally:

@@ -1,20 +1,15 @@
-"""Answer a prompt about images from an export, with plain transformers."""
+"""Answer a prompt about images from an export, through its family's own loader (plain transformers for LLaVA)."""
 
 from __future__ import annotations
 
 import torch
 
+from train.models import family_of_export
+
 
 def load_export(model_dir):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from train import qwen2vl
-
-    if qwen2vl.is_export(model_dir):  # our format (Qwen2-VL vision encoder): see README "Qwen2-VL encoder exports"
-        return qwen2vl.load_export(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
-    model.eval()
-    return model, AutoProcessor.from_pretrained(model_dir)
+    """An export (any family's format) -> (model in eval mode, processor)."""
+    return family_of_export(model_dir).load_export(model_dir)
 
 
 @torch.no_grad()

@@ -25,15 +25,11 @@ import numpy as np
 import torch
 
 from train import distributed, faults
-from train.recipe import UsageError
+from train.errors import UnsafeCheckpoint, UsageError
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
-
-
-class UnsafeCheckpoint(UsageError):
-    """A checkpoint file that cannot be loaded without running arbitrary code."""
 
 
 def step_name(step: int) -> str:
@@ -58,9 +54,11 @@ def verify_checkpoint(path: Path) -> None:
                 torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure means we will not unpickle it for real
             lines = str(err).strip().splitlines()
-            reason = next((l.strip() for l in lines if "Unsupported global" in l), lines[0] if lines else repr(err))
+            first = lines[0] if lines else repr(err)
+            reason = next((line.strip() for line in lines if "Unsupported global" in line), first)
             reason = reason.split(" was not an allowed global")[0]
-            raise UnsafeCheckpoint(f"refusing checkpoint {path}: {file.name} cannot be loaded safely ({reason})") from None
+            raise UnsafeCheckpoint(f"refusing checkpoint {path}: {file.name} cannot be loaded safely ({reason})") \
+                from None
 
 
 def rng_state() -> dict:
@@ -146,15 +144,18 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
     verify_checkpoint(path)
     saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
     if saved_world == world_size or zero_stage == 0:  # ZeRO-0 keeps the whole optimizer in the model states file
-        engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
         same_world = saved_world == world_size
-        state = torch.load(path / f"kakehashi-rank{rank if same_world else 0:05d}.pt", map_location="cpu", weights_only=True)
+        state_file = path / f"kakehashi-rank{rank if same_world else 0:05d}.pt"
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
         if same_world:
             set_rng_state(state["rng"])
         return state
     if zero_stage == 3:
         raise UsageError(f"{path} was saved on {saved_world} ranks with ZeRO-3; resume it on {saved_world} ranks "
-                         f"(re-sharding ZeRO-3 state is not supported yet), or train with ZeRO-0/1/2 for elastic resume")
+                         f"(re-sharding ZeRO-3 state is not supported yet), or train with ZeRO-0/1/2 for elastic "
+                         f"resume")
     log.warning("%s was saved on %d ranks; resuming on %d: weights, optimizer state (re-sharded), step, schedule and "
                 "data position (by sample count) carry over", path, saved_world, world_size)
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)

@@ -1,38 +1,62 @@
-"""One stage of training on a DeepSpeed engine: the train step reads top to bottom."""
+"""One stage of training on a DeepSpeed engine: `setup_stage` (plan, fast paths, optimizer, `deepspeed.initialize`,
+resume) -> `train_step` per optimizer step -> the hooks of train/hooks.py after each step (metrics and progress,
+the non-finite guard, periodic eval, fault injection, checkpoints and preemption)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from data_pipelines.images import normalize
-from train import checkpoint, distributed, faults, flops, preemption
-from train.model import towers, training_module
-from train.recipe import Stage, UsageError
-from train.reporting import MetricsLog, Progress
-from train.stages import apply_freeze_plan, build_optimizer
+from data_pipelines.collate import model_inputs
+from train import checkpoint, distributed, flops
+from train.errors import UsageError
+from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
+from train.models.base import ModelFamily
+from train.recipe import Stage
+from train.stages import StagePlan, build_optimizer, plan_stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class StageSummary:
-    stage: str
-    steps: int
-    first_loss: float
-    final_loss: float
-    seconds: float
+class StepResult:
+    """One optimizer step, summed over all ranks."""
+
+    step: int
+    loss: float              # summed token loss / target tokens
+    applied: bool            # False: a non-finite loss or gradient somewhere; every rank skipped the update
+    targets: int             # target tokens
+    tokens: int              # real (non-pad) tokens
     samples: int
-    tokens: int              # real (non-pad) tokens, all ranks
-    bad_samples: int
-    skipped_steps: int       # optimizer steps skipped for a non-finite loss or gradient
-    trainable: dict
-    frozen: dict
+    positions: int           # padded positions (tokens / positions: the non-pad share)
+    flops: float             # model FLOPs (train/flops.py)
+    seconds: float
+
+
+@dataclass
+class StageContext:
+    """What the step and the hooks share during one stage."""
+
+    family: ModelFamily
+    stage: Stage
+    engine: object           # deepspeed.DeepSpeedEngine around family.training_module(model)
+    optimizer: torch.optim.Optimizer
+    plan: StagePlan
+    batches: BatchStream
+    accumulation: int        # micro-batches per optimizer step on each rank
+    rank: int
+    world_size: int
+    device: torch.device
+    image_token_id: int
+    vision_length: int | None
+    hooks: list = field(default_factory=list)
+    start_step: int = 0      # the last step done before this process started (resume), else 0
+    poison_loss: bool = False  # set by fault injection before a step: the step's loss becomes NaN
 
 
 def deepspeed_config(stage: Stage, world_size: int) -> dict:
@@ -58,11 +82,11 @@ def deepspeed_config(stage: Stage, world_size: int) -> dict:
     }
 
 
-def enable_fast_paths(llava, stage: Stage) -> None:
+def enable_fast_paths(family: ModelFamily, model, stage: Stage) -> None:
     """The stage's activation checkpointing (per component) and torch.compile of the LLM's decoder layers."""
     checkpointed = (["vision_encoder", "llm"] if stage.gradient_checkpointing is True
                     else stage.gradient_checkpointing or [])
-    parts = towers(llava)
+    parts = family.towers(model)
     for component in checkpointed:  # non-reentrant: works with frozen inputs and under ZeRO-3
         parts[component].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if stage.compile:
@@ -70,19 +94,13 @@ def enable_fast_paths(llava, stage: Stage) -> None:
             layer.compile()
 
 
-class NonFiniteLimit(Exception):
-    """Too many optimizer steps in a row had a non-finite loss or gradient; the run stops without a checkpoint."""
-
-
-EXIT_NONFINITE = 3
-EXIT_BAD_DATA = 4  # more bad samples than the stage's bad_sample_limit
-
-
 class BatchStream:
     """The loader's micro-batches, with a resumable position (the loader's own state when it has one)."""
 
     def __init__(self, loader):
         self.loader, self.iterator, self.consumed = loader, None, 0
+        # uint8 pixels from the loader's workers are normalised on the device with these (None: already float)
+        self.image_mean, self.image_std = getattr(loader, "image_mean", None), getattr(loader, "image_std", None)
 
     def __next__(self) -> dict:
         if self.iterator is None:
@@ -93,6 +111,15 @@ class BatchStream:
     def skip(self, count: int) -> None:
         for _ in range(count):
             next(self)
+
+    def bad_samples(self) -> dict[str, int]:
+        """{reason: count} of the bad samples the loader skipped on this rank."""
+        stats = getattr(self.loader, "stats", None)
+        return dict(stats["bad"]) if stats else {}
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (before Slurm's SIGTERM reaches them)."""
+        getattr(self.loader, "close", lambda: None)()
 
     def state_dict(self) -> dict:
         has_state = hasattr(self.loader, "state_dict")
@@ -107,162 +134,103 @@ class BatchStream:
         self.consumed = state["consumed"]
 
 
-def train_stage(
-    llava, stage: Stage, loader, metrics: MetricsLog | None, *, rank: int, world_size: int,
-    checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int = 2,
-    max_nonfinite_steps: int = 3, bad_samples=lambda: {}, periodic_eval=None,
-):
-    """Train `llava` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights."""
+def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int, hooks: list,
+                resume_from: Path | None = None) -> StageContext:
+    """Plan the stage, enable its fast paths, build the optimizer and the DeepSpeed engine, and resume."""
     import deepspeed
 
-    if stage.lora_components():
-        from train.lora import inject_adapters
-
-        inject_adapters(llava, stage)
-    freeze_table = apply_freeze_plan(llava, stage)
-    flop_plan = flops.plan_flops(llava)  # from the freeze plan, before ZeRO-3 partitions the parameters
-    image_token_id, vision_length = _image_token_and_vision_length(llava.config)
-    enable_fast_paths(llava, stage)
-    optimizer, scheduler = build_optimizer(llava, stage)
+    plan = plan_stage(family, model, stage)  # before ZeRO-3 partitions the parameters
+    log.info("stage %s plan:\n%s", stage.name, plan.describe())
+    enable_fast_paths(family, model, stage)
+    optimizer, scheduler = build_optimizer(family, model, stage)
     config = deepspeed_config(stage, world_size)
-    engine, _, _, _ = deepspeed.initialize(
-        model=training_module(llava), optimizer=optimizer, lr_scheduler=scheduler, config=config
-    )
-    accumulation = config["gradient_accumulation_steps"]
-    device = distributed.device()
-    peak = flops.peak_flops(device)
-    batches = BatchStream(loader)
-    totals = {"first_loss": float("nan"), "samples": 0, "tokens": 0, "skipped_steps": 0, "seconds": 0.0}
-    start_step = 0
+    engine, _, _, _ = deepspeed.initialize(model=family.training_module(model), optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=config)
+    ctx = StageContext(family=family, stage=stage, engine=engine, optimizer=optimizer, plan=plan,
+                       batches=BatchStream(loader), accumulation=config["gradient_accumulation_steps"], rank=rank,
+                       world_size=world_size, device=distributed.device(),
+                       image_token_id=model.config.image_token_index,
+                       vision_length=family.vision_length(model.config), hooks=hooks)
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from, rank, world_size, stage.zero_stage)
-        start_step, totals = state["step"], state["totals"]
-        if state["world_size"] == world_size:
-            batches.load_state_dict(state["data"])
-        else:  # elastic: a new split of the data; carry over the number of samples consumed, not the order
-            batches.skip(state["data"]["consumed"] * state["world_size"] // world_size)
-        if rank == 0:
-            print(f"  [{stage.name}] resumed from {resume_from} at step {start_step}", flush=True)
-    nan_steps = faults.nan_steps(rank)
-    progress = Progress(stage, enabled=rank == 0, initial=start_step)
-    resumed_at = time.perf_counter() - totals["seconds"]
-    loss, consecutive_skips = float("nan"), 0
-
-    for step in range(start_step + 1, stage.steps + 1):
-        step_start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(accumulation)]
-        # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
-        targets = distributed.all_reduce_sum(sum(b["num_target_tokens"] for b in micro_batches))
-        scale = world_size * accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
-        loss_sum = 0.0
-        for batch in micro_batches:
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "position_ids")
-                      if k in batch}
-            pixels = batch["pixel_values"]
-            if pixels is not None:
-                pixels = pixels.to(device, non_blocking=True)
-                if pixels.dtype == torch.uint8:  # the loader's workers hand over uint8 at the model's input size
-                    pixels = normalize(pixels, loader.image_mean, loader.image_std)
-            extra = {"image_grid_thw": batch["image_grid_thw"].to(device)} if batch.get("image_grid_thw") is not None else {}
-            micro_loss, _ = engine(**inputs, pixel_values=pixels, **extra)
-            if step in nan_steps:
-                micro_loss = micro_loss * float("nan")
-            engine.backward(micro_loss * scale)
-            engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
-            loss_sum += micro_loss.item()
-        loss = distributed.all_reduce_sum(loss_sum) / max(targets, 1.0)
-        # real (non-pad) tokens, samples, padded positions and model FLOPs of the step, all ranks
-        step_tokens, step_samples, step_positions, step_flops = distributed.all_reduce_sum([
-            sum(int(b["attention_mask"].sum()) for b in micro_batches),
-            sum(b.get("num_samples", b["input_ids"].shape[0]) for b in micro_batches),
-            sum(b["attention_mask"].numel() for b in micro_batches),
-            sum(flop_plan.step_flops(flops.batch_counts(b, image_token_id, vision_length)) for b in micro_batches),
-        ])
-        applied = engine.was_step_applied() and math.isfinite(loss)
-        totals["samples"] += int(step_samples)
-        totals["tokens"] += int(step_tokens)
-        if step == 1:
-            totals["first_loss"] = loss
-        seconds = time.perf_counter() - step_start
-
-        if applied:
-            consecutive_skips = 0
-        else:  # every rank saw the same non-finite flag (DeepSpeed all-reduces it), so all skipped this step
-            consecutive_skips += 1
-            totals["skipped_steps"] += 1
-            log.warning("stage %s step %d: non-finite loss or gradient; optimizer step skipped (%d in a row)",
-                        stage.name, step, consecutive_skips)
-        if metrics is not None and (step % stage.log_every == 0 or step == stage.steps or not applied):
-            grad_norm = engine.get_global_grad_norm()
-            metrics.write({
-                "stage": stage.name,
-                "step": step,
-                "loss": loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                "lr_by_group": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "skipped": not applied,
-                "target_tokens": int(targets),
-                "tokens": int(step_tokens),
-                "samples": int(step_samples),
-                "seconds": seconds,
-                "tokens_per_s": step_tokens / seconds,
-                "samples_per_s": step_samples / seconds,
-                "nonpad_fraction": step_tokens / step_positions,
-                "tflops_per_device": step_flops / seconds / world_size / 1e12,
-                "mfu": None if peak is None else step_flops / seconds / world_size / peak,
-                "bad_samples": bad_samples(),  # {reason: count} on rank 0
-            })
-        if consecutive_skips >= max_nonfinite_steps:
-            raise NonFiniteLimit(
-                f"stage {stage.name}: {consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
-                f"(last at step {step}); stopped without saving this state"
-            )
-        progress.update(step, loss)
-        if periodic_eval is not None:  # train/periodic_eval.py: every rank joins, training's RNG untouched
-            periodic_eval.maybe_run(engine, step)
-        faults.maybe_kill("after_step", stage.name, step)
-        stop = distributed.all_reduce_sum(preemption.stop_requested()) > 0  # every rank stops at the same step
-        due = stage.save_every and step % stage.save_every == 0
-        if checkpoint_dir is not None and step < stage.steps and consecutive_skips == 0 and (due or stop):
-            totals["seconds"] = time.perf_counter() - resumed_at
-            rank_state = {"data": batches.state_dict(), "totals": dict(totals)}
-            checkpoint.save(engine, checkpoint_dir, step, rank_state, rank=rank, keep_last=keep_last, stage=stage.name)
-        if stop and step < stage.steps:  # at a stage's last step the stage finishes; the next one stops at step 1
-            if hasattr(loader, "close"):
-                loader.close()  # stop the dataloader workers before Slurm's SIGTERM reaches them
-            raise preemption.Preempted(f"stage {stage.name}: stopped at step {step} on request; checkpoint saved")
-    progress.close()
-
-    summary = StageSummary(
-        stage=stage.name, steps=stage.steps, first_loss=totals["first_loss"], final_loss=loss,
-        seconds=time.perf_counter() - resumed_at, samples=totals["samples"], tokens=totals["tokens"],
-        bad_samples=int(distributed.all_reduce_sum(sum(bad_samples().values()))),
-        skipped_steps=totals["skipped_steps"],
-        trainable={c: r["trainable"] for c, r in freeze_table.items()},
-        frozen={c: r["frozen"] for c, r in freeze_table.items()},
-    )
-    return engine, summary
+        resume(ctx, resume_from)
+    return ctx
 
 
-def _image_token_and_vision_length(config) -> tuple[int, int | None]:
-    """The image token id, and the vision tower's tokens per image when fixed (None: read from image_grid_thw)."""
-    image_token_id = getattr(config, "image_token_index", None)
-    if image_token_id is None:
-        image_token_id = config.image_token_id
-    vision = getattr(config, "vision_config", None)
-    fixed = vision is not None and hasattr(vision, "image_size") and hasattr(vision, "patch_size")
-    return image_token_id, flops.vision_sequence_length(vision) if fixed else None
+def resume(ctx: StageContext, path: Path) -> None:
+    """Restore the engine, the data position and the hooks' state from a checkpoint."""
+    state = checkpoint.load(ctx.engine, path, ctx.rank, ctx.world_size, ctx.stage.zero_stage)
+    ctx.start_step = state["step"]
+    if state["world_size"] == ctx.world_size:
+        ctx.batches.load_state_dict(state["data"])
+    else:  # elastic: a new split of the data; carry over the number of samples consumed, not the order
+        ctx.batches.skip(state["data"]["consumed"] * state["world_size"] // ctx.world_size)
+    saved = state.get("hooks") or {"totals": state["totals"]}  # a checkpoint from before hooks kept only totals
+    for hook in ctx.hooks:
+        if hook.name in saved:
+            hook.load_state_dict(saved[hook.name])
+    log.info("stage %s: resumed from %s at step %d", ctx.stage.name, path, ctx.start_step)
 
 
-def consolidated_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full weights of the wrapped LLaVA model on rank 0 (gathering ZeRO-3 shards one tensor at a time)."""
+def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepResult:
+    """One optimizer step over this rank's micro-batches; every figure returned is summed over all ranks."""
+    engine, started = ctx.engine, time.perf_counter()
+    # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
+    targets = distributed.all_reduce_sum(sum(b["num_target_tokens"] for b in micro_batches))
+    scale = ctx.world_size * ctx.accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
+    loss_sum = 0.0
+    for batch in micro_batches:
+        inputs = model_inputs(batch, ctx.device, ctx.batches.image_mean, ctx.batches.image_std)
+        micro_loss, _ = engine(**inputs)
+        if ctx.poison_loss:
+            micro_loss = micro_loss * float("nan")
+        engine.backward(micro_loss * scale)
+        engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
+        loss_sum += micro_loss.item()
+    loss = distributed.all_reduce_sum(loss_sum) / max(targets, 1.0)
+    # real (non-pad) tokens, samples, padded positions and model FLOPs of the step, all ranks
+    tokens, samples, positions, step_flops = distributed.all_reduce_sum([
+        sum(int(b["attention_mask"].sum()) for b in micro_batches),
+        sum(b.get("num_samples", b["input_ids"].shape[0]) for b in micro_batches),
+        sum(b["attention_mask"].numel() for b in micro_batches),
+        sum(ctx.plan.flops.step_flops(flops.batch_counts(b, ctx.image_token_id, ctx.vision_length))
+            for b in micro_batches),
+    ])
+    applied = engine.was_step_applied() and math.isfinite(loss)  # DeepSpeed all-reduces the non-finite flag
+    return StepResult(step=step, loss=loss, applied=applied, targets=int(targets),
+                      tokens=int(tokens), samples=int(samples), positions=int(positions), flops=step_flops,
+                      seconds=time.perf_counter() - started)
+
+
+def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int,
+                hooks: list | None = None, resume_from: Path | None = None):
+    """Train `model` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights.
+
+    `hooks`: train.hooks.stage_hooks(...) by default (a progress display and the non-finite guard only)."""
+    totals = Totals()
+    hooks = [totals, *(stage_hooks(stage, rank=rank) if hooks is None else hooks)]
+    ctx = setup_stage(family, model, stage, loader, rank=rank, world_size=world_size, hooks=hooks,
+                      resume_from=resume_from)
+    for hook in hooks:
+        hook.start_stage(ctx)
+    for step in range(ctx.start_step + 1, stage.steps + 1):
+        for hook in hooks:
+            hook.before_step(ctx, step)
+        result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+        for hook in hooks:
+            hook.after_step(ctx, result)
+    for hook in hooks:
+        hook.end_stage(ctx)
+    return ctx.engine, totals.summary(ctx)
+
+
+def consolidated_state_dict(family: ModelFamily, engine, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full weights of the engine's model on rank 0 (gathering ZeRO-3 shards one tensor at a time)."""
     import deepspeed
 
-    llava = getattr(engine.module, "llava", engine.module)  # LlavaForTraining wraps; train.qwen2vl's model is itself
-    parameters = dict(llava.named_parameters(remove_duplicate=False))
+    model = family.unwrap(engine.module)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
     state = {}
-    for name, value in llava.state_dict().items():
+    for name, value in model.state_dict().items():
         param = parameters.get(name)
         if param is None:
             state[name] = value.detach().cpu().clone()

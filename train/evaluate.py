@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from data_pipelines.images import decode_image
+
 JUDGE_PROMPT = (
     "次の質問に対する回答を、参照回答と比べて1から10の整数で採点してください。数字だけを答えてください。\n"
     "質問: {question}\n参照回答: {reference}\n回答: {answer}"
@@ -56,7 +58,8 @@ def judge_score(question: str, reference: str, answer: str, url: str) -> float |
     """Ask an OpenAI-compatible /chat/completions endpoint for a 1-10 score; None when it gives no number."""
     body = {
         "model": os.environ.get("KAKEHASHI_JUDGE_MODEL", "judge"),
-        "messages": [{"role": "user", "content": JUDGE_PROMPT.format(question=question, reference=reference, answer=answer)}],
+        "messages": [{"role": "user",
+                      "content": JUDGE_PROMPT.format(question=question, reference=reference, answer=answer)}],
         "temperature": 0,
     }
     headers = {"Content-Type": "application/json"}
@@ -78,18 +81,32 @@ def _samples(patterns: list[str]):
             yield Path(shard).name, raw
 
 
+def example_maker(family, model, processor, patterns: list[str], template: str, max_length: int = 4096):
+    """raw sample -> Example, made by the training loader's own per-sample path for this export's family (a
+    caption sample as a caption source, anything else as VQA). Raises BadSample."""
+    from data_pipelines.loader import MixtureLoader, SourceSpec
+    from data_pipelines.samples import sample_task
+
+    image_processor = processor.image_processor
+    loader = MixtureLoader(
+        [SourceSpec(patterns, 1.0, "caption", "caption"), SourceSpec(patterns, 1.0, "vqa", "vqa")],
+        tokenizer=processor.tokenizer, template=template, max_length=max_length, micro_batch_size=1, seed=0,
+        num_workers=0, image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
+        **family.image_inputs(model.config, processor))
+    return lambda raw: loader.build_example(raw, 0 if sample_task(raw.meta or {}) == "caption" else 1)
+
+
 @torch.no_grad()
 def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 200, max_new_tokens: int = 32) -> dict:
-    from data_pipelines.samples import BadSample, prepare_sample
-    from data_pipelines.tokenize import encode
-    from train.chat import answer, load_export
+    from data_pipelines.collate import collate, model_inputs
+    from data_pipelines.samples import BadSample
+    from train.chat import answer
+    from train.models import family_of_export
 
-    model, processor = load_export(model_dir)
-    tokenizer = processor.tokenizer
-    dynamic = hasattr(processor, "image_start_end")  # a Qwen2-VL encoder: token counts depend on each image
-    if not dynamic:
-        tokens_per_image = processor(images=[_blank()], text="<image>", return_tensors="pt")["input_ids"].eq(
-            model.config.image_token_index).sum().item()
+    family = family_of_export(model_dir)
+    model, processor = family.load_export(model_dir)
+    forward, make_example = family.training_module(model), example_maker(family, model, processor, patterns, template)
+    image_processor, pad = processor.image_processor, processor.tokenizer.pad_token_id
     judge_url = os.environ.get("KAKEHASHI_JUDGE_URL")
     loss_sum, loss_count = defaultdict(float), defaultdict(int)
     generation = {"samples": 0, "exact_match": 0.0, "rouge_l": 0.0, "judge": []}
@@ -98,39 +115,29 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
         if seen >= max_samples:
             break
         try:
-            prepared = prepare_sample(raw, task=None, template=template, eos_token=tokenizer.eos_token, tokenizer=tokenizer)
+            example = make_example(raw)
         except BadSample:
             bad += 1
             continue
         seen += 1
         source = (raw.meta or {}).get("source") or shard.rsplit("-", 1)[0]
-        images = processor.image_processor(images=prepared.images, return_tensors="pt") if prepared.images else {}
-        if dynamic:  # as the training loader encodes it: per-image counts, start/end tokens around each image
-            grid = images.get("image_grid_thw")
-            counts = [] if grid is None else (grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist()
-            encoded = encode(prepared.segments, tokenizer, tokens_per_image=counts, max_length=4096,
-                             image_start_end=processor.image_start_end)
-        else:
-            encoded = encode(prepared.segments, tokenizer, tokens_per_image=tokens_per_image, max_length=4096)
-        input_ids = torch.tensor([encoded.input_ids])
-        if dynamic:
-            logits = model.logits(input_ids, torch.ones_like(input_ids), images.get("pixel_values"), images.get("image_grid_thw"))
-        else:
-            logits = model(input_ids=input_ids, pixel_values=images.get("pixel_values"),
-                           attention_mask=torch.ones_like(input_ids)).logits
-        labels = torch.tensor([encoded.labels])[:, 1:]
-        loss_sum[source] += torch.nn.functional.cross_entropy(
-            logits[0, :-1].float(), labels[0], ignore_index=-100, reduction="sum").item()
-        loss_count[source] += int((labels != -100).sum())
-
+        inputs = model_inputs(collate([example], pad), model.device, image_processor.image_mean,
+                              image_processor.image_std)
+        sample_loss, targets = forward(**inputs)
+        loss_sum[source] += sample_loss.item()
+        loss_count[source] += int(targets)
         if "conversations" in raw.meta:  # generation metrics on the first turn of each VQA sample
-            prompt, images, reference = first_turn(raw.meta, prepared.images)
+            prompt, images, reference = first_turn(raw.meta, [decode_image(data) for data in raw.images])
             said = answer(model, processor, images, prompt, max_new_tokens)
             generation["samples"] += 1
             generation["exact_match"] += exact_match(said, reference)
             generation["rouge_l"] += rouge_l(said, reference)
             if judge_url:
                 generation["judge"].append(judge_score(prompt, reference, said, judge_url))
+    return _report(seen, bad, loss_sum, loss_count, generation)
+
+
+def _report(seen: int, bad: int, loss_sum: dict, loss_count: dict, generation: dict) -> dict:
     n = max(generation["samples"], 1)
     scores = [s for s in generation["judge"] if s is not None]
     return {
@@ -143,9 +150,3 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
         "rouge_l": generation["rouge_l"] / n,
         "judge": (sum(scores) / len(scores)) if scores else None,
     }
-
-
-def _blank():
-    from PIL import Image
-
-    return Image.new("RGB", (64, 64), (255, 255, 255))

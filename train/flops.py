@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from train.model import component_parameters
+from train.models.base import ModelFamily, parameter_size
 
 PEAK_TFLOPS = {  # dense bf16 tensor-core peak per device, from the vendors' datasheets (SXM parts)
     "H200": 989.0,
@@ -51,10 +51,6 @@ def peak_flops(device: torch.device | None = None) -> float | None:
     return None
 
 
-def _size(param: nn.Parameter) -> int:
-    return getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps the real size in ds_numel
-
-
 def _shape(param: nn.Parameter) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
@@ -72,18 +68,18 @@ class FlopPlan:
                    for c, (tokens, squares) in counts.items())
 
 
-def plan_flops(model: nn.Module) -> FlopPlan:
-    """The FlopPlan of `model` under its current requires_grad flags (call after the stage's freeze plan)."""
+def plan_flops(family: ModelFamily, model: nn.Module) -> FlopPlan:
+    """The FlopPlan of `model` under its current requires_grad flags (stages.plan_stage calls it)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     plan = FlopPlan()
     trainable_upstream = False
-    for component, params in component_parameters(model).items():
+    for component, params in family.component_parameters(model).items():
         per_token = per_square = 0.0
         for name, param in params:
             trainable_upstream |= param.requires_grad
             factor = 3 if param.requires_grad else 2 if trainable_upstream else 1
             if id(param) not in embeddings:
-                per_token += factor * 2 * _size(param)
+                per_token += factor * 2 * parameter_size(param)
             width = _query_width(name, _shape(param))
             if width:
                 per_square += factor * 4 * width
@@ -98,12 +94,6 @@ def _query_width(name: str, shape: tuple[int, ...]) -> int:
     if name.endswith(("attn.qkv.weight", "attn.qkv.base_layer.weight")):  # fused q, k, v (Qwen2-VL's ViT)
         return shape[0] // 3
     return 0
-
-
-def vision_sequence_length(vision_config) -> int:
-    """Tokens per image inside a fixed-size vision tower (CLIP adds a CLS token)."""
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return patches + (1 if vision_config.model_type == "clip_vision_model" else 0)
 
 
 def batch_counts(batch: dict, image_token_id: int, vision_length: int | None) -> dict[str, tuple[int, int]]:

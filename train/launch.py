@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 
-from train.preemption import EXIT_PREEMPTED
+from train.errors import EXIT_PREEMPTED
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_HANDLES = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's defaults less SIGTERM, which is forwarded instead

@@ -1,9 +1,9 @@
 """LoRA / DoRA adapters (peft) on a component, trained in place and merged back into plain weights.
 
-Adapters are injected into the component's own modules, so the model stays a LlavaForConditionalGeneration whose
+Adapters are injected into the component's own modules, so the model keeps its family's class, and its
 state dict gains `...<target>.base_layer.weight` and `...<target>.lora_A/B.default.weight` keys. At the end of the
 stage the adapters are merged (by peft, which also knows DoRA) into a copy on rank 0: the stage's weights and the
-export are plain LLaVA, and the adapters alone are saved beside them.
+export are plain weights, and the adapters alone are saved beside them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.model import component_modules
+from train.models.base import ModelFamily
 from train.recipe import LoraSpec, Stage
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,13 @@ def lora_config(spec: LoraSpec):
     )
 
 
-def inject_adapters(llava: nn.Module, stage: Stage) -> None:
-    """Add the stage's adapters to its LoRA components (their base weights stay frozen by the freeze plan)."""
+def inject_adapters(family: ModelFamily, model: nn.Module, stage: Stage) -> None:
+    """Add the stage's adapters to its LoRA components (their base weights stay frozen by the stage plan)."""
     from peft import inject_adapter_in_model
 
     for component, spec in stage.lora_components().items():
         targets = set(spec.target_modules)
-        for module in component_modules(llava)[component]:  # e.g. the LLM's decoder, and its lm_head
+        for module in family.components(model)[component]:  # e.g. the LLM's decoder, and its lm_head
             if any(name.rpartition(".")[2] in targets for name, _ in module.named_modules()):
                 inject_adapter_in_model(lora_config(spec), module)
         log.info("stage %s: LoRA r=%d alpha=%d%s on %s (%s)", stage.name, spec.rank, spec.alpha,
@@ -46,12 +46,13 @@ def is_adapter_parameter(name: str) -> bool:
     return "lora_" in name
 
 
-def merged_state_dict(state: dict[str, torch.Tensor], build_plain_model, stage: Stage) -> tuple[dict, dict]:
-    """(plain LLaVA weights with adapters merged, adapter weights alone) from a consolidated state dict."""
+def merged_state_dict(family: ModelFamily, state: dict[str, torch.Tensor], build_plain_model,
+                      stage: Stage) -> tuple[dict, dict]:
+    """(plain weights with adapters merged, adapter weights alone) from a consolidated state dict."""
     from peft.tuners.lora import LoraLayer
 
     model = build_plain_model()
-    inject_adapters(model, stage)
+    inject_adapters(family, model, stage)
     model.load_state_dict(state)
     adapters = {k: v for k, v in state.items() if is_adapter_parameter(k)}
     for name, module in list(model.named_modules()):

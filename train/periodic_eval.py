@@ -2,6 +2,9 @@
 source on a fixed set of samples (the first `eval_samples` usable samples of each source, the same every time), and
 exact match / character ROUGE-L of greedy answers to the first `eval_generate` VQA samples among them.
 
+Samples are made by the training loader's own per-sample path (MixtureLoader.build_example, on a loader built as
+the stage's), so eval sees exactly what training would, for every model family.
+
 Written as `"kind": "eval"` records to metrics.jsonl (and wandb, with a table of the generations and their images).
 
 Lockstep across ranks, because under ZeRO-3 every forward all-gathers parameters collectively: ranks split each
@@ -18,16 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from data_pipelines.collate import collate
+from data_pipelines.collate import collate, model_inputs
 from data_pipelines.example import Example
-from data_pipelines.images import ImageError, decode_image, load_pixels, normalize
-from data_pipelines.samples import BadSample, prepare_sample
+from data_pipelines.images import ImageError, decode_image
+from data_pipelines.samples import BadSample
 from data_pipelines.shard_reader import iter_raw_samples
 from data_pipelines.shards import expand_shard_patterns
-from data_pipelines.tokenize import encode
 from train import distributed
+from train.chat import answer
+from train.data import source_specs, stage_loader
+from train.errors import UsageError
 from train.evaluate import exact_match, first_turn, rouge_l
-from train.recipe import DataSource, Stage, UsageError
+from train.models import family_for, model_config
+from train.recipe import DataSource, Stage
 
 MAX_NEW_TOKENS = 32  # as `kakehashi eval`
 
@@ -53,31 +59,24 @@ def source_names(sources: list[DataSource]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
 
 
-def load_eval_set(stage: Stage, *, tokenizer, template: str, tokens_per_image: int, image_size: int,
-                  resize_mode: str) -> EvalSet:
-    """The first `eval_samples` usable samples of each eval source, prepared as the training loader does."""
+def load_eval_set(stage: Stage, loader) -> EvalSet:
+    """The first `eval_samples` usable samples of each eval source, made by `loader` (a MixtureLoader over the eval
+    sources, as the stage's training loader is built) exactly as training makes its samples."""
     sources, vqa = {}, []
-    for name, source in zip(source_names(stage.eval_data), stage.eval_data):
+    for index, (name, source) in enumerate(zip(source_names(stage.eval_data), stage.eval_data)):
         examples = sources.setdefault(name, [])
         for raw in (raw for shard in expand_shard_patterns(source.patterns) for raw in iter_raw_samples(shard)):
             if len(examples) >= stage.eval_samples:
                 break
             try:
-                prepared = prepare_sample(raw, task=source.task, template=template, eos_token=tokenizer.eos_token,
-                                          tokenizer=tokenizer, decode_images=False)
-                encoded = encode(prepared.segments, tokenizer, tokens_per_image=tokens_per_image,
-                                 max_length=stage.max_length)
-                if encoded is None:
-                    continue
-                images = raw.images[: encoded.num_images]
-                pixels = torch.stack([load_pixels(data, image_size, resize_mode) for data in images]) if images else None
+                example, question = loader.build_example(raw, index), None
                 if source.task == "vqa" and len(vqa) < stage.eval_generate:
                     prompt, shown, reference = first_turn(raw.meta, [decode_image(data) for data in raw.images])
-                    vqa.append(VqaSample(name, raw.key, shown, prompt, reference))
+                    question = VqaSample(name, raw.key, shown, prompt, reference)
             except (BadSample, ImageError):
                 continue  # the training loader counts bad samples; eval just takes the next usable one
-            examples.append(Example(key=raw.key, source=name, input_ids=encoded.input_ids, labels=encoded.labels,
-                                    pixel_values=pixels))
+            examples.append(example)
+            vqa += [question] if question else []
         if not examples:
             raise UsageError(f"stage {stage.name}: eval_data source {name!r} ({', '.join(source.patterns)}) has no "
                              f"usable {source.task} sample within max_length {stage.max_length}")
@@ -85,8 +84,9 @@ def load_eval_set(stage: Stage, *, tokenizer, template: str, tokens_per_image: i
 
 
 class PeriodicEval:
-    def __init__(self, stage: Stage, eval_set: EvalSet, processor, *, rank: int, world_size: int, metrics=None):
-        self.stage, self.eval_set, self.processor = stage, eval_set, processor
+    def __init__(self, family, stage: Stage, eval_set: EvalSet, processor, *, rank: int, world_size: int,
+                 metrics=None):
+        self.family, self.stage, self.eval_set, self.processor = family, stage, eval_set, processor
         self.rank, self.world_size, self.metrics = rank, world_size, metrics
         image_processor = processor.image_processor
         self.image_mean, self.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
@@ -102,7 +102,7 @@ class PeriodicEval:
     def run(self, engine, step: int) -> dict:
         """Evaluate on every rank (collectively); rank 0 writes the record. Returns the record.
 
-        `engine`: the DeepSpeed engine, or the bare LlavaForTraining it wraps.
+        `engine`: the DeepSpeed engine, or the bare training module (family.training_module) it wraps.
         """
         modes = {module: module.training for module in engine.modules()}  # the engine and all it wraps
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -110,7 +110,7 @@ class PeriodicEval:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 engine.eval()
                 record = {"kind": "eval", "stage": self.stage.name, "step": step, **self.losses(engine)}
-                answers = self.generate(getattr(engine, "module", engine).llava)
+                answers = self.generate(self.family.unwrap(getattr(engine, "module", engine)))
         finally:
             for module, training in modes.items():
                 module.train(training)
@@ -136,11 +136,7 @@ class PeriodicEval:
             for index in range(forwards):
                 chunk = share[index * micro:(index + 1) * micro]
                 batch = collate(chunk or examples[:1], self.pad_token_id)  # an empty share still joins the gather
-                pixels = batch["pixel_values"]
-                if pixels is not None:
-                    pixels = normalize(pixels.to(device), self.image_mean, self.image_std)
-                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-                chunk_loss, chunk_count = engine(**inputs, pixel_values=pixels)
+                chunk_loss, chunk_count = engine(**model_inputs(batch, device, self.image_mean, self.image_std))
                 if chunk:
                     loss_sum, count = loss_sum + chunk_loss.item(), count + int(chunk_count)
             sums += [loss_sum, count]
@@ -154,12 +150,10 @@ class PeriodicEval:
             record["eval_loss"] = (totals[0::2].sum() / totals[1::2].sum()).item()
         return record
 
-    def generate(self, llava) -> list[tuple[VqaSample, str]]:
-        from train.chat import answer
-
+    def generate(self, model) -> list[tuple[VqaSample, str]]:
         synced = self.stage.zero_stage == 3 and self.world_size > 1
         tokenizer = self.processor.tokenizer
-        return [(sample, answer(llava, self.processor, sample.images, sample.question, MAX_NEW_TOKENS,
+        return [(sample, answer(model, self.processor, sample.images, sample.question, MAX_NEW_TOKENS,
                                 synced_gpus=synced, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=self.pad_token_id))
                 for sample in self.eval_set.vqa]
@@ -175,17 +169,16 @@ def generation_table(step: int, answers: list[tuple[VqaSample, str]]):
     return table
 
 
-def build_periodic_eval(recipe, index: int, processor, *, rank: int, world_size: int, metrics=None):
-    """The stage's PeriodicEval, or None when its `eval_every` is 0."""
-    from train.model import tokens_per_image, vision_config
-
+def build_periodic_eval(recipe, index: int, processor, config=None, *, rank: int, world_size: int, metrics=None):
+    """The stage's PeriodicEval, or None when its `eval_every` is 0. `config`: the model's architecture record
+    (default: the recipe's, sized for the processor's tokenizer)."""
     stage = recipe.stages[index]
     if not stage.eval_every:
         return None
-    vision = vision_config(recipe.model.vision_encoder)
-    eval_set = load_eval_set(
-        stage, tokenizer=processor.tokenizer, template=recipe.template,
-        tokens_per_image=tokens_per_image(recipe.model.vision_encoder, vision), image_size=vision.image_size,
-        resize_mode="shortest_edge_crop" if recipe.model.vision_encoder.kind == "clip" else "squash",
-    )
-    return PeriodicEval(stage, eval_set, processor, rank=rank, world_size=world_size, metrics=metrics)
+    config = config if config is not None else model_config(recipe.model, processor.tokenizer)
+    specs = source_specs(stage.eval_data)
+    for spec, name in zip(specs, source_names(stage.eval_data)):
+        spec.name = name
+    loader = stage_loader(recipe, index, processor, config, rank=0, world_size=1, sources=specs, num_workers=0)
+    return PeriodicEval(family_for(recipe.model), stage, load_eval_set(stage, loader), processor, rank=rank,
+                        world_size=world_size, metrics=metrics)

@@ -13,7 +13,6 @@ import subprocess
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a process killed by SIGTERM would have returned
 _requested: list[int] = []
 
 
@@ -48,7 +47,3 @@ def requeue() -> bool:
         return False
     log.info("requeued Slurm job %s; it resumes from the checkpoint just saved", job)
     return True
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is complete."""

@@ -14,29 +14,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-COMPONENTS = ("vision_encoder", "projector", "llm")
-IMAGE_TOKEN = "<image>"  # the placeholder in shard text, and the token added to the tokenizer for it
-Component = Literal["vision_encoder", "projector", "llm"]
+from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN  # the placeholder in shard text and its token
+from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the recipe's errors)
 
-VISION_KINDS = ("siglip", "clip", "qwen2_vl")  # transformers' SigLIP / CLIP towers; Qwen2-VL's dynamic-resolution ViT
-PROJECTOR_KINDS = ("mlp2x_gelu", "qwen2_vl_merger")  # LLaVA's Linear-GELU-Linear; Qwen2-VL's 2x2 patch merger
+COMPONENTS = ("vision_encoder", "projector", "llm")
+Component = Literal["vision_encoder", "projector", "llm"]
 TEMPLATES = ("asagi", "sarashina", "plain", "chat")
-PRECISIONS = ("fp32", "bf16")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
-
-
-class RecipeError(Exception):
-    """A recipe that cannot run. `problems` lists every problem as 'field.path: message'."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
-
-
-from data_pipelines.errors import UsageError  # noqa: F401 (one error type for both packages)
 
 
 class Strict(BaseModel):
@@ -84,33 +70,36 @@ class ComponentSource(Strict):
         if self.path is None and self.config is None:
             raise ValueError("give `path` (weights) or `config` (architecture), or both")
         if self.trust_remote_code and not (self.revision and _REVISION.match(self.revision)):
-            raise ValueError("trust_remote_code needs `revision` pinned to a 40-hex commit, so the code you run is the code you read")
+            raise ValueError("trust_remote_code needs `revision` pinned to a 40-hex commit, so the code you run is "
+                             "the code you read")
         return self
+
+
+def _families() -> dict:
+    from train.models import FAMILIES  # the registry: vision_encoder.kind -> model family
+
+    return FAMILIES
 
 
 class VisionEncoder(ComponentSource):
-    kind: Literal["siglip", "clip", "qwen2_vl"] = "siglip"
+    kind: str = "siglip"                               # a model family's kind (train/models): siglip, clip, qwen2_vl
     feature_layer: int = -1                            # hidden state fed to the projector (-2 as LLaVA-1.5)
     select_strategy: Literal["full", "default"] = "full"  # default drops the CLS token (CLIP)
-    # qwen2_vl only: each image is resized (aspect kept) to between min_pixels and max_pixels, in multiples of
-    # patch_size * spatial_merge_size, so its token count varies with its size
+    # dynamic-resolution encoders (qwen2_vl) only: each image is resized (aspect kept) to between min_pixels and
+    # max_pixels, in multiples of patch_size * spatial_merge_size, so its token count varies with its size
     min_pixels: int | None = Field(None, gt=0)
     max_pixels: int | None = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _pixels_for_dynamic_resolution(self) -> VisionEncoder:
-        if self.kind != "qwen2_vl" and (self.min_pixels or self.max_pixels):
-            raise ValueError("min_pixels / max_pixels apply to kind qwen2_vl only (siglip and clip have a fixed image size)")
-        if self.kind == "qwen2_vl":
-            self.min_pixels = self.min_pixels or 56 * 56          # Qwen2VLImageProcessor's defaults
-            self.max_pixels = self.max_pixels or 28 * 28 * 1280
-            if self.min_pixels > self.max_pixels:
-                raise ValueError(f"min_pixels {self.min_pixels} is more than max_pixels {self.max_pixels}")
-        return self
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in _families():
+            raise ValueError(f"unknown kind {value!r}; known: {', '.join(_families())}")
+        return value
 
 
 class Projector(Strict):
-    kind: Literal["mlp2x_gelu", "qwen2_vl_merger"] = "mlp2x_gelu"
+    kind: str = "mlp2x_gelu"                           # mlp2x_gelu (LLaVA) | qwen2_vl_merger (Qwen2-VL's 2x2 merger)
     norm: bool = False                                 # qwen2_vl_merger: a LayerNorm after it (as Sarashina2-Vision)
 
 
@@ -124,16 +113,20 @@ class ModelSpec(Strict):
     image_start_end: tuple[str, str] | None = None
 
     @model_validator(mode="after")
-    def _projector_fits_encoder(self) -> ModelSpec:
-        merger, qwen = self.projector.kind == "qwen2_vl_merger", self.vision_encoder.kind == "qwen2_vl"
-        if merger != qwen:
-            raise ValueError(
-                f"projector.kind {self.projector.kind} does not fit vision_encoder.kind {self.vision_encoder.kind}: "
-                "qwen2_vl_merger goes with qwen2_vl (its patch merger), mlp2x_gelu with siglip / clip")
-        if self.projector.norm and not merger:
-            raise ValueError("projector.norm applies to kind qwen2_vl_merger only")
+    def _fits_its_family(self) -> ModelSpec:
+        families = _families()
+        family, projector = families[self.vision_encoder.kind], self.projector.kind
+        problems = []
+        if projector not in family.projector_kinds:
+            fits = [kind for kind, f in families.items() if projector in f.projector_kinds]
+            problems.append(f"projector.kind {projector} does not fit vision_encoder.kind {self.vision_encoder.kind}: "
+                            f"{self.vision_encoder.kind} takes {' / '.join(family.projector_kinds)}"
+                            + (f"; {projector} goes with {' / '.join(fits)}" if fits else ""))
         if self.image_start_end and (len(set(self.image_start_end)) < 2 or IMAGE_TOKEN in self.image_start_end):
-            raise ValueError(f"image_start_end needs two different tokens, neither {IMAGE_TOKEN}")
+            problems.append(f"image_start_end needs two different tokens, neither {IMAGE_TOKEN}")
+        problems += family.validate(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @field_validator("tokenizer")
@@ -229,7 +222,7 @@ class Stage(Strict):
     eval_every: int = Field(0, ge=0)
     eval_data: list[DataSource] = []                   # held-out sources, same schema as `data`
     eval_samples: int = Field(32, gt=0)                # the first N usable samples of each eval source, every time
-    eval_generate: int = Field(4, ge=0)                # of those, VQA samples answered greedily for exact match / ROUGE-L
+    eval_generate: int = Field(4, ge=0)                # of those, VQA samples answered greedily (exact match, ROUGE-L)
 
     @field_validator("train")
     @classmethod
@@ -255,7 +248,8 @@ class Stage(Strict):
         if self.eval_every and not self.eval_data:
             problems.append(f"eval_data is missing but eval_every is {self.eval_every}")
         if self.eval_data and not self.eval_every:
-            problems.append("eval_data is set but eval_every is 0 (periodic eval off); set eval_every or drop eval_data")
+            problems.append("eval_data is set but eval_every is 0 (periodic eval off); "
+                            "set eval_every or drop eval_data")
         if self.vision_encoder_last_blocks is not None:
             if not self.trains("vision_encoder"):
                 problems.append("vision_encoder_last_blocks is set but the stage freezes vision_encoder")
@@ -263,7 +257,8 @@ class Stage(Strict):
                 problems.append("vision_encoder_last_blocks and lora.vision_encoder cannot be combined")
         if self.global_batch_size % self.micro_batch_size:
             problems.append(
-                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size {self.micro_batch_size}"
             )
         if problems:
             raise ValueError("; ".join(problems))
@@ -292,7 +287,8 @@ class Checkpointing(Strict):
     @classmethod
     def _at_least_two(cls, value: int) -> int:
         if value < 2:
-            raise ValueError("keep_last must be >= 2: while the newest checkpoint is being written, the previous one is the only complete copy")
+            raise ValueError("keep_last must be >= 2: while the newest checkpoint is being written, the previous "
+                             "one is the only complete copy")
         return value
 
 
@@ -313,14 +309,6 @@ class Recipe(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
-        return self
-
-    @model_validator(mode="after")
-    def _periodic_eval_supported(self) -> Recipe:
-        evaluated = [s.name for s in self.stages if s.eval_every]
-        if evaluated and self.model.vision_encoder.kind == "qwen2_vl":  # its eval set would need per-image counts
-            raise ValueError(f"periodic eval (eval_every) is not supported with vision_encoder.kind qwen2_vl yet; "
-                             f"stages {', '.join(evaluated)}")
         return self
 
 
@@ -380,7 +368,8 @@ def _line_index(text: str) -> dict[tuple, int]:
 
 
 def _describe(error: dict, lines: dict[tuple, int]) -> tuple[str, str, int | None]:
-    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith(("function-", "literal["))))
+    generated = ("function-", "literal[")  # pydantic's names for validator and literal members, not user keys
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith(generated)))
     # pydantic adds the union member name for `str | list[str]` fields; it is not part of the user's path
     loc = tuple(p for p in loc if p not in ("str", "list[str]", "dict[str,any]", "Synthesize"))
     field = ".".join(str(p) for p in loc) or "(recipe)"
@@ -408,7 +397,8 @@ def parse_recipe(
         raise RecipeError(source, ["(recipe): the recipe must be a YAML mapping"])
     problems = apply_overrides(data, list(overrides))
     synth = data.get("synthesize")
-    context = {"check_files": check_files, "check_data": check_data, "synth_out": synth.get("out") if isinstance(synth, dict) else None}
+    context = {"check_files": check_files, "check_data": check_data,
+               "synth_out": synth.get("out") if isinstance(synth, dict) else None}
     try:
         recipe = Recipe.model_validate(data, context=context)
     except ValidationError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
+from train.rundir import RunDir
 
 PLOTTED = {  # metrics.jsonl field -> axis label; a field a run never logged is left out
     "loss": "loss",
@@ -26,7 +26,7 @@ def read_metrics(run_dir: Path, kind: str = "train") -> dict[str, list[dict]]:
     """Records of one kind (train, or eval from periodic evaluation) per stage in step order; a step logged twice
     (before a kill, after the resume) keeps the last."""
     by_step: dict[tuple[str, int], dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in RunDir(run_dir).metrics.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("kind", "train") == kind:
             by_step[(record["stage"], record["step"])] = record
@@ -34,10 +34,6 @@ def read_metrics(run_dir: Path, kind: str = "train") -> dict[str, list[dict]]:
     for (stage, _), record in sorted(by_step.items(), key=lambda item: item[0][1]):
         stages.setdefault(stage, []).append(record)
     return stages
-
-
-def stage_summaries(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "stages").glob("*/summary.json"))]
 
 
 def _plot_panels(path: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[int, float]]]]]) -> Path:
@@ -50,8 +46,8 @@ def _plot_panels(path: Path, title: str, panels: list[tuple[str, dict[str, list[
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
     for axis, (label, lines) in zip(axes[:, 0], panels):
         for name, points in lines.items():
-            axis.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2, marker="." if len(points) < 30 else None,
-                      label=name)
+            axis.plot([s for s, _ in points], [v for _, v in points], linewidth=1.2,
+                      marker="." if len(points) < 30 else None, label=name)
         if len(lines) > 1:
             axis.legend(fontsize=8)
         axis.set_ylabel(label)
@@ -101,7 +97,8 @@ def eval_table(run_dir: Path) -> str:
     lines = ["| stage | step | eval loss | per source | exact match | ROUGE-L |", "|---|---|---|---|---|---|"]
     number = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for stage, r in last.items():
-        sources = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in r.items() if k.startswith("eval_loss/"))
+        sources = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in r.items()
+                            if k.startswith("eval_loss/"))
         lines.append(f"| {stage} | {r['step']} | {number(r.get('eval_loss'))} | {sources} | "
                      f"{number(r.get('eval_exact_match'))} | {number(r.get('eval_rouge_l'))} |")
     return "\n## Periodic eval (last)\n\n" + "\n".join(lines) + "\n"
@@ -111,7 +108,7 @@ def stage_table(run_dir: Path) -> str:
     """Markdown table: one row per finished stage, from its summary.json."""
     lines = ["| stage | trains | steps | loss first -> last | seconds | samples | "
              "real tokens/s | bad samples | skipped steps |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in stage_summaries(run_dir):
+    for s in RunDir(run_dir).stage_summaries():
         trains = ", ".join(c for c, n in s["trainable"].items() if n)
         lines.append(f"| {s['stage']} | {trains} | {s['steps']} | {s['first_loss']:.4f} -> {s['final_loss']:.4f} | "
                      f"{s['seconds']:.1f} | {s['samples']} | {s['tokens'] / max(s['seconds'], 1e-9):,.0f} | "
@@ -120,23 +117,35 @@ def stage_table(run_dir: Path) -> str:
 
 
 def summary_markdown(run_dir: Path) -> str:
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe = RunDir(run_dir).stored_recipe()
     return f"# {recipe['name']}\n\n" + stage_table(run_dir) + eval_table(run_dir)
 
 
 def model_card(run_dir: Path) -> str:
     """README.md for an export: architecture, the stages and their data, results; regenerated, never hand-edited."""
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    from train.models import family_for
+    from train.recipe import load_recipe
+
+    parsed = load_recipe(RunDir(run_dir).recipe_file, check_files=False)
+    card, recipe = family_for(parsed.model).card(), parsed.model_dump(mode="json")
     model = recipe["model"]
-    describe = lambda c: model[c].get("path") or f"random init from an inline {model[c].get('config', {}).get('model_type', 'architecture')} config"  # noqa: E731
+
+    def describe(component: str) -> str:
+        source = model[component]
+        if source["path"]:
+            return source["path"]
+        config = source["config"]
+        return f"random init from {config}" if isinstance(config, str) else \
+            f"random init from an inline {config.get('model_type', 'architecture')} config"
+
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "language: [ja]", "tags: [llava, kakehashi]", "---",
+        "---", f"library_name: {card['library_name']}", "pipeline_tag: image-text-to-text", "language: [ja]",
+        f"tags: [{', '.join([*card['tags'], 'kakehashi'])}]", "---",
         f"# {recipe['name']}", "",
-        "A `LlavaForConditionalGeneration` trained with [kakehashi](https://github.com/) from one recipe; it loads with "
-        "plain transformers (`LlavaForConditionalGeneration`, `AutoProcessor`), no `trust_remote_code`.", "",
+        f"Trained with [kakehashi](https://github.com/) from one recipe. {card['format']}", "",
         "## Architecture", "",
-        f"- vision encoder: {model['vision_encoder'].get('kind', 'siglip')}, {describe('vision_encoder')}",
-        f"- projector: {model.get('projector', {}).get('kind', 'mlp2x_gelu')}",
+        f"- vision encoder: {model['vision_encoder']['kind']}, {describe('vision_encoder')}",
+        f"- projector: {model['projector']['kind']}",
         f"- LLM: {describe('llm')}",
         f"- chat template: {recipe['template']}", "",
         "## Stages", "",
@@ -150,7 +159,7 @@ def model_card(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    out = run_dir / "report"
+    out = RunDir(run_dir).report
     out.mkdir(exist_ok=True)
     plots = write_plots(run_dir, out)
     markdown = summary_markdown(run_dir) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"

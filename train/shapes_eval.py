@@ -1,6 +1,6 @@
 """Score an export on freshly drawn synthetic shapes: does it name the colour (and the shape)?
 
-Loads the export with plain transformers only (LlavaForConditionalGeneration + AutoProcessor), asks in the
+Loads the export through its family's loader (plain transformers for LLaVA exports), asks in the
 export's own chat template, and compares the answer's first word with the truth. Chance is 1/6 for colour.
 """
 

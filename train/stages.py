@@ -1,38 +1,82 @@
-"""A stage's freeze plan, optimizer parameter groups and learning-rate schedule."""
+"""A stage's plan (what trains: adapters, frozen and trained components, its FLOPs per token), optimizer parameter
+groups and learning-rate schedule.
+
+`plan_stage` is the one place that decides what a stage trains: training, `recipe check` (on the meta device) and
+the FLOP accounting all read its plan, so they cannot disagree.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from train.model import check_vision_last_blocks, component_parameters, vision_blocks
+from train import flops
+from train.errors import RecipeError
+from train.models.base import ModelFamily, parameter_size
 from train.recipe import COMPONENTS, Stage
 
 log = logging.getLogger(__name__)
 
 
-def apply_freeze_plan(model: nn.Module, stage: Stage) -> dict[str, dict[str, int]]:
-    """Train exactly the stage's components; freeze the rest. Logs and returns {component: {trainable, frozen}}."""
-    table = {}
-    adapters_only = stage.lora_components()
+@dataclass
+class StagePlan:
+    stage: str
+    table: dict[str, dict[str, int]]  # component -> {"trainable", "frozen"} parameters (adapters included)
+    adapters: dict[str, int]          # LoRA component -> its adapter parameters (all trainable)
+    vision_blocks: tuple[int, int] | None  # (last k trained, of n blocks) with partial unfreezing
+    flops: flops.FlopPlan
+
+    def describe(self) -> str:
+        notes = [f"  vision_encoder: last {k} of {n} blocks trained" for k, n in [self.vision_blocks or (0, 0)] if k]
+        notes += [f"  {c}: trained through LoRA adapters ({n:,} parameters)" for c, n in self.adapters.items()]
+        return "\n".join([format_freeze_table(self.table), *notes])
+
+
+def plan_stage(family: ModelFamily, model: nn.Module, stage: Stage) -> StagePlan:
+    """Inject the stage's adapters, train exactly its components (a LoRA component: its adapters only; with
+    vision_encoder_last_blocks: the vision encoder's last k blocks only), freeze the rest."""
+    if stage.lora_components():
+        from train.lora import inject_adapters
+
+        inject_adapters(family, model, stage)
+    blocks = None
+    if stage.vision_encoder_last_blocks is not None:
+        blocks = (stage.vision_encoder_last_blocks, check_vision_last_blocks(family, model, stage))
+    table, adapters = freeze(family, model, stage)
+    return StagePlan(stage.name, table, adapters, blocks, flops.plan_flops(family, model))
+
+
+def freeze(family: ModelFamily, model: nn.Module, stage: Stage) -> tuple[dict, dict]:
+    """Set requires_grad per the stage; returns ({component: {trainable, frozen}}, {component: adapter count})."""
+    lora = stage.lora_components()
     last_blocks = stage.vision_encoder_last_blocks
-    if last_blocks is not None:  # partial unfreezing: of the vision encoder, only its last k blocks train
-        total_blocks = check_vision_last_blocks(model, stage)
-        unfrozen = {id(p) for block in vision_blocks(model)[-last_blocks:] for p in block.parameters()}
-    for component, params in component_parameters(model).items():
-        for name, param in params:  # a LoRA component trains its adapters only
+    unfrozen = set()
+    if last_blocks is not None:
+        unfrozen = {id(p) for block in family.vision_blocks(model)[-last_blocks:] for p in block.parameters()}
+    table, adapters = {}, {}
+    for component, params in family.component_parameters(model).items():
+        for name, param in params:
             partial = component == "vision_encoder" and last_blocks is not None and id(param) not in unfrozen
-            param.requires_grad_(stage.trains(component) and not partial
-                                 and (component not in adapters_only or "lora_" in name))
-        size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 keeps the real size in ds_numel
-        trainable = sum(size(p) for _, p in params if p.requires_grad)
-        table[component] = {"trainable": trainable, "frozen": sum(size(p) for _, p in params) - trainable}
-    note = f"\n  vision_encoder: last {last_blocks} of {total_blocks} blocks trained" if last_blocks is not None else ""
-    log.info("stage %s freeze plan:\n%s%s", stage.name, format_freeze_table(table), note)
-    return table
+            param.requires_grad_(stage.trains(component) and not partial and (component not in lora or "lora_" in name))
+        trainable = sum(parameter_size(p) for _, p in params if p.requires_grad)
+        table[component] = {"trainable": trainable, "frozen": sum(parameter_size(p) for _, p in params) - trainable}
+        if component in lora:
+            adapters[component] = trainable
+    return table, adapters
+
+
+def check_vision_last_blocks(family: ModelFamily, model: nn.Module, stage: Stage) -> int:
+    """The vision encoder's block count; RecipeError when the stage unfreezes more blocks than it has."""
+    blocks = len(family.vision_blocks(model))
+    if stage.vision_encoder_last_blocks > blocks:
+        asked = stage.vision_encoder_last_blocks
+        raise RecipeError("recipe", [f"stages.{stage.name}.vision_encoder_last_blocks: {asked} is more than the "
+                                     f"vision encoder's {blocks} blocks"])
+    return blocks
 
 
 def format_freeze_table(table: dict[str, dict[str, int]]) -> str:
@@ -41,10 +85,10 @@ def format_freeze_table(table: dict[str, dict[str, int]]) -> str:
     return "\n".join(rows)
 
 
-def parameter_groups(model: nn.Module, stage: Stage) -> list[dict]:
+def parameter_groups(family: ModelFamily, model: nn.Module, stage: Stage) -> list[dict]:
     """One AdamW group per trained component (its own lr), split so biases and norms get no weight decay."""
     groups = []
-    for component, params in component_parameters(model).items():
+    for component, params in family.component_parameters(model).items():
         if not stage.trains(component):
             continue
         lr = getattr(stage.lr, component)
@@ -89,8 +133,8 @@ class GuardedAdamW(torch.optim.AdamW):
         return None if self.overflow else super().step(closure)
 
 
-def build_optimizer(model: nn.Module, stage: Stage):
+def build_optimizer(family: ModelFamily, model: nn.Module, stage: Stage):
     optimizer_cls = GuardedAdamW if stage.zero_stage == 0 else torch.optim.AdamW
-    optimizer = optimizer_cls(parameter_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+    optimizer = optimizer_cls(parameter_groups(family, model, stage), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     return optimizer, scheduler

@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.recipe import UsageError, load_recipe
+from data_pipelines.output import result
+from train.errors import UsageError
+from train.recipe import load_recipe
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 PLACEHOLDER = re.compile(r"@[A-Z_]+@")
@@ -129,18 +131,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     log = log_dir / f"{output.name}-%j.out"  # outside the run directory, which must hold only the run
     script = render(args, recipe, output, log)
     if args.dry_run:
-        print(script, end="")
+        result(script, end="")
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm cannot create it, and the job would fail unseen
     try:
-        result = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
+        sbatch = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
     except FileNotFoundError:
         raise UsageError("sbatch not found: run this on a Slurm login node (or use --dry-run)") from None
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
+    if sbatch.returncode != 0:
+        reason = (sbatch.stderr.strip().splitlines() or ["no message"])[-1]
         raise UsageError(f"sbatch refused the job: {reason}")
-    job_id = result.stdout.strip().split(";")[0]  # --parsable: JOBID or JOBID;CLUSTER
-    print(job_id)
+    job_id = sbatch.stdout.strip().split(";")[0]  # --parsable: JOBID or JOBID;CLUSTER
+    result(job_id)
     print(f"submitted job {job_id}: {args.nodes} node(s) x {processes_per_node(args)} process(es), "
           f"run {output}, log {str(log).replace('%j', job_id)}", file=sys.stderr)
     return 0

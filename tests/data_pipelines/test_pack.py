@@ -7,8 +7,7 @@ from data_pipelines.example import Example
 from data_pipelines.loader import SourceSpec
 from data_pipelines.pack import collate_packed, first_fit_decreasing
 from data_pipelines.tokenize import IGNORE_INDEX
-from tests.data_pipelines.test_loader import (TOKENS_PER_IMAGE, id_shards, keys_per_batch, make_loader,  # noqa: F401
-                                           synth_sources)
+from tests.data_pipelines.test_loader import TOKENS_PER_IMAGE, id_shards, keys_per_batch, make_loader, synth_sources  # noqa: F401 (fixtures)
 
 
 def test_first_fit_decreasing_places_longest_first_and_leaves_what_does_not_fit():
@@ -52,7 +51,7 @@ def test_packing_fills_rows_and_reads_every_sample_once(synth_dir, tiny_tokenize
     assert sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches) < 0.9
 
 
-def test_packed_loader_resumes_exactly_with_its_buffer(id_shards, tiny_tokenizer):
+def test_packed_loader_resumes_exactly_with_its_buffer(id_shards, tiny_tokenizer):  # noqa: F811 (fixture)
     def loader():
         return make_loader([SourceSpec(id_shards, 1.0, "vqa", "ids")], tiny_tokenizer, num_workers=2,
                            micro_batch_size=2, max_length=48, shuffle_buffer=10, packing=True)

@@ -43,7 +43,7 @@ def test_round_trip_keeps_meta_and_image_order(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in paths] == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
     samples = read_all(paths)
     assert [s.key for s in samples] == [key for key, _, _ in SAMPLES]
-    for sample, (key, meta, images) in zip(samples, SAMPLES):
+    for sample, (_, meta, images) in zip(samples, SAMPLES):
         assert sample.error is None
         assert sample.meta == meta
         assert sample.images == [data for _, data in images]

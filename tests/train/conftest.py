@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from train import distributed
-from train.model import build_model, llava_config
-from train.recipe import DataSource, Stage, load_recipe
 from tests.conftest import REPO, TINY_RECIPE
+from train import distributed
+from train.models.llava import LLAVA
+from train.recipe import DataSource, Stage, load_recipe
 
 IMAGE_TOKEN_ID = 4
 VOCAB = 300
@@ -35,9 +35,9 @@ def world():
 def tiny_model():
     """The tiny recipe's architecture with a small vocabulary, random init from a fixed seed."""
     recipe = load_recipe(TINY_RECIPE, check_files=False)
-    config = llava_config(recipe.model, VOCAB, IMAGE_TOKEN_ID)
+    config = LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID)
     torch.manual_seed(0)
-    return build_model(recipe.model, config)
+    return LLAVA.build(recipe.model, config)
 
 
 def make_stage(**overrides) -> Stage:

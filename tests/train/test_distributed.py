@@ -3,7 +3,10 @@
 import json
 
 import pytest
+
 from tests.train.conftest import short_recipe, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun trainings on 2 ranks
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_RECIPE, kakehashi
 
+pytestmark = pytest.mark.slow  # whole trainings through the real command
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -36,11 +38,10 @@ def test_export_answers_the_colour_question_with_plain_transformers(tiny_run):
 
 
 def test_export_logits_equal_the_training_model(tiny_run):
-    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from data_pipelines.synth import draw_shape
-    from train.model import LlavaForTraining, build_model
+    from train.models.llava import LLAVA, LlavaForTraining
     from train.recipe import load_recipe
 
     _, run, _ = tiny_run
@@ -55,7 +56,7 @@ def test_export_logits_equal_the_training_model(tiny_run):
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
 
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
-    trained = build_model(recipe.model, exported.config, load_weights=False)
+    trained = LLAVA.build(recipe.model, exported.config, load_weights=False)
     trained.load_state_dict(load_file(run / "stages" / "02-instruct" / "model.safetensors"))
     with torch.no_grad():
         expected = LlavaForTraining(trained).eval().logits(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
@@ -69,7 +70,7 @@ def test_rerun_skips_finished_stages_and_keeps_the_export(tiny_run):
     weights = (run / "export" / "model.safetensors").read_bytes()
     result = kakehashi("train", TINY_RECIPE, "--output", run, cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "stage 1/2 align: already complete" in result.stdout and "stage 2/2 instruct: already complete" in result.stdout
+    assert "stage 1/2 align: already complete" in result.stderr and "stage 2/2 instruct: already complete" in result.stderr
     assert (run / "export" / "model.safetensors").read_bytes() == weights
 
 
@@ -142,9 +143,10 @@ def test_report_writes_plots_a_summary_and_the_export_has_a_model_card(tiny_run)
 
 
 def test_eval_reports_loss_exact_match_rouge_and_the_judge(tiny_run):
-    from tests.train.test_evaluate import StubJudge
     import threading
     from http.server import HTTPServer
+
+    from tests.train.test_evaluate import StubJudge
 
     workdir, run, _ = tiny_run
     server = HTTPServer(("127.0.0.1", 0), StubJudge)
@@ -165,17 +167,18 @@ def test_eval_reports_loss_exact_match_rouge_and_the_judge(tiny_run):
 
 def test_stages_chain_bit_exactly_and_frozen_components_never_move(tiny_run):
     """Stage 1 froze vision and LLM (bit-identical to the seeded init); stage 2 froze vision (identical again)."""
-    from train.model import build_model, component_parameters
     from transformers import LlavaConfig
+
+    from train.models.llava import LLAVA
     from train.recipe import load_recipe
 
     _, run, _ = tiny_run
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
     torch.manual_seed(recipe.seed)  # as the run did before building stage 1's model
-    initial = build_model(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align")).state_dict()
+    initial = LLAVA.build(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align")).state_dict()
     align = load_file(run / "stages" / "01-align" / "model.safetensors")
     instruct = load_file(run / "stages" / "02-instruct" / "model.safetensors")
-    names = {c: [n for n, _ in ps] for c, ps in component_parameters(build_model(
+    names = {c: [n for n, _ in ps] for c, ps in LLAVA.component_parameters(LLAVA.build(
         recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align"), load_weights=False)).items()}
     assert all(torch.equal(align[n], initial[n]) for n in names["vision_encoder"] + names["llm"])
     assert not all(torch.equal(align[n], initial[n]) for n in names["projector"])

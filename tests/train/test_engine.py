@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from tests.train.conftest import make_stage, random_batch
-from train.engine import MetricsLog, consolidated_state_dict, train_stage
-from train.model import LlavaForTraining, component_parameters
+from train.engine import consolidated_state_dict, train_stage
+from train.hooks import stage_hooks
+from train.models.llava import LLAVA, LlavaForTraining
+from train.reporting import MetricsLog
 
 
 def snapshot(model):
-    return {c: {n: p.detach().clone() for n, p in ps} for c, ps in component_parameters(model).items()}
+    return {c: {n: p.detach().clone() for n, p in ps} for c, ps in LLAVA.component_parameters(model).items()}
 
 
 @pytest.mark.parametrize("trained, zero_stage", [(["projector"], 2), (["llm"], 0), (["vision_encoder", "projector"], 3)])
@@ -22,8 +24,8 @@ def test_frozen_weights_are_bit_identical_after_a_stage(world, tiny_model, train
     generator = torch.Generator().manual_seed(1)
     batches = iter([random_batch(generator, 2, 40, 20) for _ in range(4)])
     stage = make_stage(train=trained, lr={c: 1e-2 for c in trained}, zero_stage=zero_stage)
-    engine, summary = train_stage(tiny_model, stage, batches, None, rank=rank, world_size=world_size)
-    after = consolidated_state_dict(engine, rank)
+    engine, summary = train_stage(LLAVA, tiny_model, stage, batches, rank=rank, world_size=world_size)
+    after = consolidated_state_dict(LLAVA, engine, rank)
     for component, params in before.items():
         changed = [name for name, value in params.items() if not torch.equal(after[name], value)]
         if component in trained:
@@ -48,14 +50,19 @@ def test_loss_is_normalised_over_all_target_tokens_of_the_step(world, tiny_model
         per_token = per_token + loss_sum / total
         per_batch = per_batch + loss_sum / count / 2
     trained = [p for n, p in reference.named_parameters() if "multi_modal_projector" in n or "language_model" in n or "lm_head" in n]
-    norm_of = lambda loss: torch.linalg.vector_norm(torch.stack([g.norm() for g in torch.autograd.grad(loss, trained, retain_graph=True)]))
+
+    def norm_of(loss):
+        grads = torch.autograd.grad(loss, trained, retain_graph=True)
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+
     expected_norm, mean_of_means_norm = norm_of(per_token).item(), norm_of(per_batch).item()
     assert abs(expected_norm - mean_of_means_norm) / expected_norm > 0.01  # the test can tell them apart
 
     stage = make_stage(train=["projector", "llm"], lr={"projector": 1e-3, "llm": 1e-3}, steps=1,
                        max_grad_norm=1e9, zero_stage=2)
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
-    train_stage(tiny_model, stage, iter([few, many]), metrics, rank=rank, world_size=world_size)
+    train_stage(LLAVA, tiny_model, stage, iter([few, many]), rank=rank, world_size=world_size,
+                hooks=stage_hooks(stage, rank=rank, metrics=metrics))
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["loss"] == pytest.approx(per_token.item(), rel=1e-5)
     assert record["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)

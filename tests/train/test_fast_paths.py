@@ -6,11 +6,11 @@ import importlib.util
 import pytest
 import torch
 
-from train.engine import enable_fast_paths
-from train.model import LlavaForTraining, build_model, llava_config
-from train.recipe import RecipeError, load_recipe
 from tests.conftest import TINY_RECIPE
 from tests.train.conftest import IMAGE_TOKEN_ID, VOCAB, make_stage, random_batch
+from train.engine import enable_fast_paths
+from train.models.llava import LLAVA, LlavaForTraining
+from train.recipe import RecipeError, load_recipe
 
 
 def loss_and_grads(llava, batch):
@@ -26,7 +26,7 @@ def loss_and_grads(llava, batch):
 def test_fast_paths_give_the_same_loss_and_gradients(tiny_model, fields):
     batch = random_batch(torch.Generator().manual_seed(1), batch=2, length=40, targets_from=20)
     baseline = loss_and_grads(copy.deepcopy(tiny_model), batch)
-    enable_fast_paths(tiny_model, make_stage(**fields))
+    enable_fast_paths(LLAVA, tiny_model, make_stage(**fields))
     towers = {"vision_encoder": tiny_model.model.vision_tower, "llm": tiny_model.model.language_model}
     wanted = fields.get("gradient_checkpointing", [])
     wanted = ["vision_encoder", "llm"] if wanted is True else wanted
@@ -43,4 +43,4 @@ def test_fast_paths_give_the_same_loss_and_gradients(tiny_model, fields):
 def test_flash_attention_without_the_package_is_a_recipe_error_naming_the_field():
     recipe = load_recipe(TINY_RECIPE, ["model.attn_implementation=flash_attention_2"], check_files=False)
     with pytest.raises(RecipeError, match=r"model\.attn_implementation: flash_attention_2 is not available here"):
-        build_model(recipe.model, llava_config(recipe.model, VOCAB, IMAGE_TOKEN_ID))
+        LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID))

@@ -5,9 +5,10 @@ import torch
 
 from data_pipelines.collate import collate
 from data_pipelines.example import Example
-from train import flops
-from train.stages import apply_freeze_plan
 from tests.train.conftest import IMAGE_TOKEN_ID, VOCAB, make_stage
+from train import flops
+from train.models.llava import LLAVA
+from train.stages import plan_stage
 
 
 def hand_parameter_counts():
@@ -39,9 +40,8 @@ def batch():
 ])
 def test_step_flops_match_a_hand_computation(tiny_model, train, factors):
     lr = {component: 1e-3 for component in train}
-    apply_freeze_plan(tiny_model, make_stage(train=train, lr=lr))
-    plan = flops.plan_flops(tiny_model)
-    counts = flops.batch_counts(batch(), IMAGE_TOKEN_ID, flops.vision_sequence_length(tiny_model.config.vision_config))
+    plan = plan_stage(LLAVA, tiny_model, make_stage(train=train, lr=lr)).flops
+    counts = flops.batch_counts(batch(), IMAGE_TOKEN_ID, LLAVA.vision_length(tiny_model.config))
     assert counts == {"vision_encoder": (32, 2 * 16**2), "projector": (32, 0), "llm": (70, 40**2 + 30**2)}
     vision, projector, llm = hand_parameter_counts()
     f_vision, f_projector, f_llm = factors

@@ -7,23 +7,27 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, kakehashi
-from tests.train.conftest import IMAGE_TOKEN_ID, make_stage, random_batch, short_recipe, torchrun, with_eval
+from tests.train.conftest import make_stage, random_batch, short_recipe, torchrun, with_eval
 from train.lora import inject_adapters, merged_state_dict
-from train.model import LlavaForTraining, build_model, llava_config
+from train.models.llava import LLAVA, LlavaForTraining
 from train.recipe import load_recipe
-from train.stages import apply_freeze_plan
+from train.stages import plan_stage
 
 LORA_RECIPE = REPO / "recipes" / "tiny" / "asagi-lora.yaml"
 
 
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_merged_weights_compute_what_the_adapters_did(tiny_model, dora):
     recipe = load_recipe(LORA_RECIPE, check_files=False)
     config = tiny_model.config
     stage = make_stage(train=["projector", "llm"], lr={"projector": 1e-3, "llm": 1e-3},
                        lora={"llm": {"rank": 4, "alpha": 8, "dora": dora}})
-    inject_adapters(tiny_model, stage)
-    table = apply_freeze_plan(tiny_model, stage)
+    table = plan_stage(LLAVA, tiny_model, stage).table
     assert 0 < table["llm"]["trainable"] < 0.05 * (table["llm"]["trainable"] + table["llm"]["frozen"])
     assert all(("lora_" in n) == p.requires_grad for n, p in tiny_model.named_parameters() if "language_model" in n)
     with torch.no_grad():  # adapters start as a no-op (B = 0); make them matter
@@ -34,9 +38,9 @@ def test_merged_weights_compute_what_the_adapters_did(tiny_model, dora):
     inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     with torch.no_grad():
         with_adapters = LlavaForTraining(tiny_model.eval()).logits(*inputs)
-        merged, adapters = merged_state_dict(tiny_model.state_dict(),
-                                             lambda: build_model(recipe.model, config, load_weights=False), stage)
-        plain = build_model(recipe.model, config, load_weights=False)
+        merged, adapters = merged_state_dict(LLAVA, tiny_model.state_dict(),
+                                             lambda: LLAVA.build(recipe.model, config, load_weights=False), stage)
+        plain = LLAVA.build(recipe.model, config, load_weights=False)
         plain.load_state_dict(merged)  # strict: no adapter keys left
         merged_logits = LlavaForTraining(plain.eval()).logits(*inputs)
     assert adapters and all("lora_" in k for k in adapters)
@@ -103,8 +107,8 @@ def training_model_with_adapters(run):
 
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
     stage = recipe.stages[1]
-    model = build_model(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "02-lora"), load_weights=False)
-    inject_adapters(model, stage)
+    model = LLAVA.build(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "02-lora"), load_weights=False)
+    inject_adapters(LLAVA, model, stage)
     before = load_file(run / "stages" / "01-captions" / "model.safetensors")
     after = load_file(run / "stages" / "02-lora" / "model.safetensors")
     adapters = load_file(run / "stages" / "02-lora" / "adapters" / "adapter_model.safetensors")

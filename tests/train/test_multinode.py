@@ -12,11 +12,14 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, kakehashi
 from tests.train.conftest import losses, short_recipe, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun agents training together
 
 STEPS = (2, 8)
 

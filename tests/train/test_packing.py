@@ -6,8 +6,8 @@ import torch
 from data_pipelines.collate import collate
 from data_pipelines.example import Example
 from data_pipelines.pack import collate_packed
-from train.model import LlavaForTraining
 from tests.train.conftest import IMAGE_TOKEN_ID, VOCAB
+from train.models.llava import LlavaForTraining
 
 
 def make_example(generator, key, text_tokens, image: bool, targets: int) -> Example:

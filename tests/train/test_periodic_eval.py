@@ -36,11 +36,13 @@ def runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_training_losses_are_identical_with_periodic_eval_on(runs):
     off, on = losses(runs["off"]), losses(runs["on"])
     assert len(off) == 6 and off == on  # exactly: eval neither draws from training's RNG nor moves a weight
 
 
+@pytest.mark.slow
 def test_eval_records_per_source_and_generation_metrics(runs):
     evals = [r for r in records(runs["on"]) if r.get("kind") == "eval"]
     assert [(r["stage"], r["step"]) for r in evals] == [("instruct", s) for s in EVAL_STEPS]
@@ -51,13 +53,14 @@ def test_eval_records_per_source_and_generation_metrics(runs):
     assert not [r for r in records(runs["off"]) if r.get("kind") == "eval"]
 
 
+@pytest.mark.slow
 def test_eval_is_repeatable_on_the_same_weights(runs, tmp_path):
     """The eval set is fixed: evaluating the same weights twice gives the same record, and leaves the RNG alone."""
     import torch
     from safetensors.torch import load_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from train.model import LlavaForTraining
+    from train.models.llava import LlavaForTraining
     from train.periodic_eval import build_periodic_eval
     from train.recipe import load_recipe
 
@@ -76,6 +79,7 @@ def test_eval_is_repeatable_on_the_same_weights(runs, tmp_path):
         assert first[key] == pytest.approx(logged[key], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_eval_metrics_and_a_table_of_generations(runs):
     offline = list((runs["on"] / "wandb").glob("offline-run-*"))
     tables = sorted(p for run in offline for p in run.glob("files/media/table/instruct/eval_generations_*.table.json"))
@@ -88,6 +92,7 @@ def test_wandb_gets_the_eval_metrics_and_a_table_of_generations(runs):
     assert question.startswith("この図形は") and reference.endswith("です。")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields, message", [
     ({"eval_every": 5}, "eval_data is missing but eval_every is 5"),
     ({"eval_data": [{"shards": "x.tar", "task": "vqa"}]}, "eval_data is set but eval_every is 0"),

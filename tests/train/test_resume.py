@@ -3,15 +3,16 @@
 import json
 import os
 import pickle
-import re
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, kakehashi
+from tests.conftest import kakehashi
 from tests.train.conftest import losses, short_recipe, torchrun
+
+pytestmark = pytest.mark.slow  # whole trainings, killed and resumed
 
 STEPS = (4, 10)  # stage 2 checkpoints every 2 steps
 
@@ -50,8 +51,8 @@ def test_kill9_then_resume_equals_the_uninterrupted_run(recipe, uninterrupted, t
     assert (run / "checkpoints" / "02-instruct" / "latest").read_text().strip() == "step-0000006"
     resumed = kakehashi("train", recipe, "--output", run, "--no-export")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stage 1/2 align: already complete" in resumed.stdout
-    assert "resumed from" in resumed.stdout and "at step 6" in resumed.stdout
+    assert "stage 1/2 align: already complete" in resumed.stderr  # a log line; stdout holds the result only
+    assert "resumed from" in resumed.stderr and "at step 6" in resumed.stderr
     assert_same_run(run, uninterrupted)
 
 
@@ -63,8 +64,8 @@ def test_torn_checkpoint_is_skipped_and_the_previous_one_used(recipe, uninterrup
     assert (checkpoints / ".tmp-step-0000006").is_dir() and not (checkpoints / "step-0000006").exists()
     resumed = kakehashi("train", recipe, "--output", run, "--no-export")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "skipping torn checkpoint" in resumed.stdout + resumed.stderr
-    assert "at step 4" in resumed.stdout
+    assert "skipping torn checkpoint" in resumed.stderr
+    assert "at step 4" in resumed.stderr
     assert_same_run(run, uninterrupted)
 
 
@@ -81,7 +82,7 @@ def test_two_ranks_zero2_kill9_resume(tmp_path_factory):
     assert killed.returncode != 0
     result = torchrun(recipe, run, "--no-export")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "at step 4" in result.stdout
+    assert "at step 4" in result.stderr
     assert_same_run(run, reference)
 
 
@@ -150,15 +151,6 @@ def test_resume_never_refuses_a_used_output_without_force(recipe, uninterrupted)
     assert (uninterrupted / "stages" / "02-instruct" / "summary.json").is_file()
 
 
-def test_every_torch_load_in_the_source_is_weights_only():
-    calls = []
-    for path in list((REPO / "train").rglob("*.py")) + list((REPO / "data_pipelines").rglob("*.py")):
-        for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
-            calls.append((path.name, match.group(1)))
-    assert calls, "expected at least one torch.load to check"
-    assert all("weights_only=True" in args for _, args in calls), calls
-
-
 def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory, world):
     constant_lr = {"warmup_ratio": 0.0, "min_lr_ratio": 1.0}
     base = tmp_path_factory.mktemp("elastic")
@@ -173,7 +165,7 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory, world
     # one rank, stage 2 cut to 4 steps: nothing left to train, so its final weights are the checkpoint's
     cut = kakehashi("train", recipe, "--output", run, "--no-export", "--force", "--set", "stages.1.steps=4")
     assert cut.returncode == 0, cut.stderr[-3000:]
-    assert "saved on 2 ranks; resuming on 1" in cut.stdout + cut.stderr
+    assert "saved on 2 ranks; resuming on 1" in cut.stderr
     weights, expected = final_weights(run), final_weights(reference)
     assert all(torch.allclose(weights[k], expected[k], atol=1e-6, rtol=0) for k in expected)
 
@@ -209,14 +201,14 @@ def assert_optimizer_resharded(checkpoint, recipe_path, run, world):
     from tests.train.conftest import random_batch
     from train.checkpoint import _safe_globals
     from train.engine import train_stage
-    from train.model import build_model
+    from train.models.llava import LLAVA
     from train.recipe import load_recipe
 
     rank, world_size = world
     recipe = load_recipe(recipe_path, ["stages.1.steps=4"], check_files=False)
-    llava = build_model(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align"), load_weights=False)
+    llava = LLAVA.build(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align"), load_weights=False)
     batches = [random_batch(torch.Generator().manual_seed(i), 8, 40, 20) for i in range(16)]
-    engine, _ = train_stage(llava, recipe.stages[1], iter(batches), None, rank=rank, world_size=world_size,
+    engine, _ = train_stage(LLAVA, llava, recipe.stages[1], iter(batches), rank=rank, world_size=world_size,
                             resume_from=checkpoint)
     with torch.serialization.safe_globals(_safe_globals()):
         saved = [torch.load(checkpoint / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=True)

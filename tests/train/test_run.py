@@ -1,8 +1,11 @@
 import pytest
 
-from train.recipe import UsageError, dump_recipe, load_recipe
-from train.run import build_processor, prepare_output, stage_batches, synthesize_missing_data
 from tests.conftest import REPO, TINY_RECIPE
+from train.data import stage_loader
+from train.models import model_config
+from train.recipe import UsageError, dump_recipe, load_recipe
+from train.run import build_processor, synthesize_missing_data
+from train.rundir import RunDir
 
 
 def test_a_run_from_before_a_new_recipe_field_is_the_same_recipe_and_another_recipe_is_refused(tmp_path):
@@ -12,10 +15,10 @@ def test_a_run_from_before_a_new_recipe_field_is_the_same_recipe_and_another_rec
     older = dump_recipe(recipe).replace("  packing: true\n", "")  # stored before `packing` existed
     assert older != dump_recipe(recipe)
     (run / "recipe.yaml").write_text(older)
-    prepare_output(run, recipe, force=False, resume="auto")
+    RunDir(run).prepare(recipe, force=False, resume="auto")
     assert (run / "recipe.yaml").read_text() == dump_recipe(recipe)
     with pytest.raises(UsageError, match="holds a run of a different recipe"):
-        prepare_output(run, load_recipe(TINY_RECIPE, ["seed=1"], check_files=False), force=False, resume="auto")
+        RunDir(run).prepare(load_recipe(TINY_RECIPE, ["seed=1"], check_files=False), force=False, resume="auto")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
@@ -28,7 +31,8 @@ def test_every_tiny_recipes_loader_follows_the_stage_packing_switch(path, packin
         source.shards = str(source.shards).replace(str(REPO / "data/tiny-shapes"), f"{tmp_path}/data").replace(
             "data/tiny-shapes", f"{tmp_path}/data")
     synthesize_missing_data(recipe)
-    batch = next(stage_batches(recipe, 0, build_processor(recipe, tmp_path), rank=0, world_size=1))
+    processor = build_processor(recipe, tmp_path)
+    batch = next(stage_loader(recipe, 0, processor, model_config(recipe.model, processor.tokenizer), rank=0, world_size=1))
     rows = batch["input_ids"].shape[0]
     assert ("position_ids" in batch) == packing
     assert batch["num_samples"] > rows if packing else batch["num_samples"] == rows

@@ -1,5 +1,6 @@
 """Acceptance: the tiny Sarashina twin (Qwen2-VL encoder) trains its three stages under torchrun, 2 processes, ZeRO-3,
-to an export in our format that loads back with the training model's logits; frozen parts stay bit-identical."""
+to an export in our format that loads back with the training model's logits; frozen parts stay bit-identical; its
+last stage evaluates periodically (dynamic-resolution eval samples, generation in lockstep across the ranks)."""
 
 import json
 
@@ -11,6 +12,8 @@ from safetensors.torch import load_file
 from tests.train.conftest import torchrun
 from tests.train.test_qwen2vl import SARASHINA
 
+pytestmark = pytest.mark.slow  # the twin's three stages under torchrun
+
 
 @pytest.fixture(scope="module")
 def twin_run(tmp_path_factory):
@@ -21,6 +24,8 @@ def twin_run(tmp_path_factory):
         stage.update(steps=3, zero_stage=3, data_workers=0)
         for source in stage["data"]:
             source["shards"] = source["shards"].replace("data/tiny-shapes", str(tmp / "shapes"))
+    recipe["stages"][2].update(eval_every=3, eval_samples=3, eval_generate=2,  # 3 samples: one rank pads a forward
+                               eval_data=[{"shards": s["shards"], "task": s["task"]} for s in recipe["stages"][2]["data"]])
     path = tmp / "sarashina-zero3.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     result = torchrun(path, tmp / "run")
@@ -59,8 +64,7 @@ def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_r
     from PIL import Image
 
     from train.chat import answer, load_export
-    from train.model import build_model
-    from train.qwen2vl import Qwen2VLVisionLMConfig
+    from train.models.qwen2vl import QWEN2VL, Qwen2VLVisionLMConfig
     from train.recipe import load_recipe
 
     run, _ = twin_run
@@ -68,7 +72,7 @@ def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_r
     assert not list((run / "export").glob("*.bin")) and not list((run / "export").glob("*.py"))
     model, processor = load_export(run / "export")
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
-    trained = build_model(recipe.model, Qwen2VLVisionLMConfig.from_pretrained(run / "stages" / "03-instruct"),
+    trained = QWEN2VL.build(recipe.model, Qwen2VLVisionLMConfig.from_pretrained(run / "stages" / "03-instruct"),
                           load_weights=False)
     trained.load_state_dict(stage_weights(run, "03-instruct"))
     trained.eval()
@@ -89,7 +93,34 @@ def test_kakehashi_eval_scores_the_export(twin_run):
     shards = sorted((run.parent / "shapes").glob("vqa-*.tar"))[:1] + sorted((run.parent / "shapes").glob("captions-*.tar"))[:1]
     done = kakehashi("eval", run / "export", "--data", *shards, "--max-samples", "6", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = json.loads(done.stdout)
     assert report["samples"] == 6 and report["bad_samples"] == 0 and report["vqa_samples"] == 6
     assert 0 < report["loss"] < 20 and set(report["loss_by_source"]) == {"synth-shapes"}  # the samples' own source field
     assert 0 <= report["exact_match"] <= 1 and 0 <= report["rouge_l"] <= 1
+
+
+def test_periodic_eval_on_two_zero3_ranks_equals_one_process_on_the_stage_weights(twin_run):
+    """The eval samples come through the training loader's own path (per-image token counts, start/end tokens), the
+    2 ranks generate in lockstep, and their all-reduced losses equal one process's on the final weights."""
+    from train.models.qwen2vl import QWEN2VL
+    from train.periodic_eval import build_periodic_eval
+    from train.recipe import load_recipe
+
+    run, _ = twin_run
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("kind") == "eval"]
+    assert (record["stage"], record["step"], record["eval_vqa_samples"]) == ("instruct", 3, 2)
+    assert 0 <= record["eval_rouge_l"] <= 1
+    recipe = load_recipe(run / "recipe.yaml", check_files=False)
+    processor = QWEN2VL.load_processor(run / "processor")
+    evaluator = build_periodic_eval(recipe, 2, processor, rank=0, world_size=1)
+    trained = QWEN2VL.load_stage(run / "stages" / "03-instruct")
+    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in recipe.model.image_start_end)
+    for example in evaluator.eval_set.sources["vqa"]:  # as training encodes them, not a re-implementation
+        ids = example.input_ids
+        image_tokens = int(example.image_grid_thw.prod(-1).sum()) // 4  # 2 x 2 merge
+        assert ids.count(start) == ids.count(end) == len(example.image_grid_thw) and image_tokens > 0
+        assert ids.count(trained.config.image_token_index) == image_tokens
+    recomputed = evaluator.run(trained.train(), 3)
+    for key in ("eval_loss/caption", "eval_loss/vqa", "eval_loss"):
+        assert recomputed[key] == pytest.approx(record[key], rel=1e-5), key

@@ -22,6 +22,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+from train.models.base import (
+    IMAGE_TOKEN,
+    ModelFamily,
+    checked_config,
+    image_processor_class,
+    inline_config,
+    llm_config,
+    load_llm,
+    set_attn_implementation,
+    token_loss_sum,
+)
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "kakehashi_qwen2vl"
@@ -74,14 +86,6 @@ class Qwen2VLVisionLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.device
 
-    def component_modules(self) -> dict[str, list[nn.Module]]:
-        projector = [self.vision.merger] + ([self.projector_norm] if self.projector_norm is not None else [])
-        return {"vision_encoder": [self.vision.patch_embed, self.vision.blocks], "projector": projector,
-                "llm": [self.llm]}
-
-    def vision_blocks(self) -> nn.ModuleList:
-        return self.vision.blocks
-
     # ------------------------------------------------------------------------------------------ forward
 
     def image_features(self, pixel_values, image_grid_thw):
@@ -120,25 +124,28 @@ class Qwen2VLVisionLM(nn.Module):
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
         """(summed token loss, target count): the engine normalises over every target token of an optimizer step."""
         logits = self.logits(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)  # [B, T, V]
-        targets = labels[:, 1:]
-        loss_sum = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, (targets != -100).sum()
+        return token_loss_sum(logits, labels)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
-                 do_sample=False, **_):
-        """Greedy decoding with the LLM's KV cache; returns prompt + new tokens [1, T + n] as transformers does."""
+                 do_sample=False, synced_gpus=False, **_):
+        """Greedy decoding with the LLM's KV cache; returns prompt + new tokens [1, T + n] as transformers does.
+
+        `synced_gpus` (ZeRO-3 on several ranks): every rank keeps running forwards until all have finished, since
+        each forward all-gathers parameters collectively."""
         if do_sample:
             raise ValueError("only greedy decoding is implemented")
         embeds = self.embeddings(input_ids, pixel_values, image_grid_thw)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True)
         tokens, eos = input_ids, self.llm.generation_config.eos_token_id or self.config.text_config.eos_token_id
         eos = {eos} if isinstance(eos, int) else set(eos or ())
+        finished = False
         for _ in range(max_new_tokens):
             next_token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
-            tokens = torch.cat([tokens, next_token], dim=1)
-            if int(next_token) in eos:
+            if not finished:
+                tokens = torch.cat([tokens, next_token], dim=1)
+                finished = int(next_token) in eos
+            if not (_any_rank_running(finished, tokens.device) if synced_gpus else not finished):
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
             out = self.llm(input_ids=next_token, attention_mask=attention_mask, past_key_values=out.past_key_values,
@@ -152,84 +159,10 @@ class Qwen2VLVisionLM(nn.Module):
         save_model(self, str(Path(directory, "model.safetensors")), metadata={"format": "pt"})  # tied weights once
 
 
-# ---------------------------------------------------------------------------------------------- building
-
-
-def qwen2vl_config(spec, vocab_size: int, image_token_id: int) -> Qwen2VLVisionLMConfig:
-    from train.model import _checked, _inline_config, llm_config
-
-    inline = _inline_config(spec.vision_encoder)
-    if inline is not None:
-        vision = _checked(Qwen2VLVisionConfig, inline, "model.vision_encoder.config")
-    else:
-        loaded = AutoConfig.from_pretrained(spec.vision_encoder.path, revision=spec.vision_encoder.revision)
-        vision = Qwen2VLVisionConfig(**{k: v for k, v in loaded.vision_config.to_dict().items() if k != "model_type"})
-    text = llm_config(spec.llm)
-    llm_inline = _inline_config(spec.llm)
-    text.vocab_size = vocab_size if llm_inline is not None and "vocab_size" not in llm_inline else max(text.vocab_size, vocab_size)
-    vision.hidden_size = text.hidden_size  # the merger projects to the LLM's width
-    return Qwen2VLVisionLMConfig(vision, text, image_token_id, spec.projector.norm)
-
-
-def build_qwen2vl(spec, config: Qwen2VLVisionLMConfig, *, load_weights: bool = True) -> Qwen2VLVisionLM:
-    """Inline-config components start random (seed first); `path` components load weights."""
-    from train.model import set_attn_implementation
-
-    model = Qwen2VLVisionLM(config)
-    set_attn_implementation(model.vision, spec)
-    set_attn_implementation(model.llm, spec)
-    if not load_weights:
-        return model
-    if spec.vision_encoder.path is not None:
-        load_vision_weights(model, spec.vision_encoder.path, spec.vision_encoder.revision)
-    if spec.llm.path is not None:
-        causal = AutoModelForCausalLM.from_pretrained(
-            spec.llm.path, revision=spec.llm.revision, trust_remote_code=spec.llm.trust_remote_code)
-        causal.resize_token_embeddings(config.text_config.vocab_size)  # room for the image tokens
-        model.llm.load_state_dict(causal.state_dict())
-        log.info("LLM weights from %s", spec.llm.path)
-    return model
-
-
-def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None = None) -> None:
-    """Patch embed + blocks from a Qwen2-VL checkpoint (its `visual.*` tensors). The merger is loaded only when its
-    output width matches the LLM's; else it starts random (Sarashina2-Vision trains it first)."""
-    from huggingface_hub import snapshot_download
-    from safetensors import safe_open
-
-    directory = Path(path) if Path(path).is_dir() else Path(snapshot_download(path, revision=revision,
-                                                                               allow_patterns=["*.safetensors"]))
-    own = model.vision.state_dict()
-    loaded = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as tensors:
-            for key in tensors.keys():
-                name = key.removeprefix("model.").removeprefix("visual.") if ".visual." in f".{key}" else None
-                if name in own and tensors.get_slice(key).get_shape() == list(own[name].shape):
-                    loaded[name] = tensors.get_tensor(key)
-    if any(k.startswith("merger.") and k not in loaded for k in own):  # a merger to another width: all of it new
-        loaded = {k: v for k, v in loaded.items() if not k.startswith("merger.")}
-    missing = [k for k in own if k not in loaded and not k.startswith("merger.")]
-    if missing:
-        raise ValueError(f"{path}: no Qwen2-VL vision weights for {', '.join(missing[:3])} ...")
-    model.vision.load_state_dict(loaded, strict=False)
-    log.info("vision encoder weights from %s (%d tensors; merger %s)", path, len(loaded),
-             "loaded" if any(k.startswith("merger.") for k in loaded) else "new")
-
-
-def image_processor(spec, vision: Qwen2VLVisionConfig):
-    """transformers' Qwen2-VL image processor (the PIL twin where torchvision is missing) at the recipe's limits."""
-    import importlib.util
-
-    import transformers
-
-    name = "Qwen2VLImageProcessor" + ("Pil" if importlib.util.find_spec("torchvision") is None else "")
-    return getattr(transformers, name)(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
-               patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-               merge_size=vision.spatial_merge_size)
-
-
-# ---------------------------------------------------------------------------------------------- processor, export
+def _any_rank_running(finished: bool, device) -> bool:
+    flag = torch.tensor(0.0 if finished else 1.0, device=device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
 
 
 class Qwen2VLChatProcessor:
@@ -269,26 +202,140 @@ class Qwen2VLChatProcessor:
 
     @classmethod
     def from_pretrained(cls, directory) -> Qwen2VLChatProcessor:
-        import importlib.util
-
-        import transformers
         from transformers import AutoTokenizer
 
         record = json.loads(Path(directory, PROCESSOR_FILE).read_text())
-        name = "Qwen2VLImageProcessor" + ("Pil" if importlib.util.find_spec("torchvision") is None else "")
-        processor = getattr(transformers, name).from_pretrained(directory)
-        return cls(AutoTokenizer.from_pretrained(directory), processor, record["image_token"], record["image_start_end"])
+        image_processor = image_processor_class("Qwen2VLImageProcessor").from_pretrained(directory)
+        return cls(AutoTokenizer.from_pretrained(directory), image_processor, record["image_token"],
+                   record["image_start_end"])
 
 
-def is_export(directory) -> bool:
-    path = Path(directory, "config.json")
-    return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+# ---------------------------------------------------------------------------------------------- the family
 
 
-def load_export(directory) -> tuple[Qwen2VLVisionLM, Qwen2VLChatProcessor]:
-    """An exported (or stage) directory -> (model in eval mode, processor). Safetensors only, no remote code."""
-    from safetensors.torch import load_model
+def vision_config(spec, text: PretrainedConfig) -> Qwen2VLVisionConfig:
+    source = spec.vision_encoder
+    inline = inline_config(source)
+    if inline is not None:
+        vision = checked_config(Qwen2VLVisionConfig, inline, "model.vision_encoder.config")
+    else:
+        loaded = AutoConfig.from_pretrained(source.path, revision=source.revision)
+        vision = Qwen2VLVisionConfig(**{k: v for k, v in loaded.vision_config.to_dict().items() if k != "model_type"})
+    vision.hidden_size = text.hidden_size  # the merger projects to the LLM's width
+    return vision
 
-    model = Qwen2VLVisionLM(Qwen2VLVisionLMConfig.from_pretrained(directory))
-    load_model(model, str(Path(directory, "model.safetensors")))
-    return model.eval(), Qwen2VLChatProcessor.from_pretrained(directory)
+
+class Qwen2VLFamily(ModelFamily):
+    name = "qwen2_vl_encoder"
+    projector_kinds = ("qwen2_vl_merger",)
+    export_model_types = (MODEL_TYPE,)
+
+    def validate(self, spec) -> list[str]:
+        encoder = spec.vision_encoder
+        encoder.min_pixels = encoder.min_pixels or 56 * 56  # Qwen2VLImageProcessor's defaults
+        encoder.max_pixels = encoder.max_pixels or 28 * 28 * 1280
+        if encoder.min_pixels > encoder.max_pixels:
+            return [f"vision_encoder: min_pixels {encoder.min_pixels} is more than max_pixels {encoder.max_pixels}"]
+        return []
+
+    def config(self, spec, vocab_size: int, image_token_id: int) -> Qwen2VLVisionLMConfig:
+        text = llm_config(spec, vocab_size)
+        return Qwen2VLVisionLMConfig(vision_config(spec, text), text, image_token_id, spec.projector.norm)
+
+    def build(self, spec, config: Qwen2VLVisionLMConfig, *, load_weights: bool = True) -> Qwen2VLVisionLM:
+        model = Qwen2VLVisionLM(config)
+        set_attn_implementation(model.vision, spec)
+        set_attn_implementation(model.llm, spec)
+        if not load_weights:
+            return model
+        if spec.vision_encoder.path is not None:
+            load_vision_weights(model, spec.vision_encoder.path, spec.vision_encoder.revision)
+        if spec.llm.path is not None:
+            model.llm.load_state_dict(load_llm(spec, config.text_config.vocab_size).state_dict())
+        return model
+
+    def processor(self, spec, tokenizer, config: Qwen2VLVisionLMConfig) -> Qwen2VLChatProcessor:
+        vision = config.vision_config
+        image_processor = image_processor_class("Qwen2VLImageProcessor")(
+            size={"shortest_edge": spec.vision_encoder.min_pixels, "longest_edge": spec.vision_encoder.max_pixels},
+            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size)
+        return Qwen2VLChatProcessor(tokenizer, image_processor, IMAGE_TOKEN, spec.image_start_end)
+
+    def load_processor(self, directory: Path) -> Qwen2VLChatProcessor:
+        return Qwen2VLChatProcessor.from_pretrained(directory)
+
+    def image_inputs(self, config: Qwen2VLVisionLMConfig, processor: Qwen2VLChatProcessor) -> dict:
+        from data_pipelines.patches import DynamicResolutionPatches
+
+        # dynamic resolution: token counts vary per image
+        return {"patchify": DynamicResolutionPatches(processor.image_processor), "tokens_per_image": None,
+                "image_start_end": processor.image_start_end}
+
+    def components(self, model: Qwen2VLVisionLM) -> dict[str, list[nn.Module]]:
+        projector = [model.vision.merger] + ([model.projector_norm] if model.projector_norm is not None else [])
+        return {"vision_encoder": [model.vision.patch_embed, model.vision.blocks], "projector": projector,
+                "llm": [model.llm]}
+
+    def vision_blocks(self, model: Qwen2VLVisionLM) -> nn.ModuleList:
+        return model.vision.blocks
+
+    def towers(self, model: Qwen2VLVisionLM) -> dict[str, nn.Module]:
+        return {"vision_encoder": model.vision, "llm": model.llm.model}
+
+    def vision_length(self, config) -> None:
+        return None  # t * h * w patches per image, read from each batch's image_grid_thw
+
+    def training_module(self, model: Qwen2VLVisionLM) -> Qwen2VLVisionLM:
+        return model  # its forward is the training forward
+
+    def unwrap(self, training_module: Qwen2VLVisionLM) -> Qwen2VLVisionLM:
+        return training_module
+
+    def load_stage(self, directory: Path) -> Qwen2VLVisionLM:
+        from safetensors.torch import load_model
+
+        model = Qwen2VLVisionLM(Qwen2VLVisionLMConfig.from_pretrained(directory))
+        load_model(model, str(Path(directory, "model.safetensors")))
+        return model
+
+    def save_export(self, model: Qwen2VLVisionLM, processor, directory: Path) -> None:
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+
+    def load_export(self, directory: Path) -> tuple[Qwen2VLVisionLM, Qwen2VLChatProcessor]:
+        return self.load_stage(directory).eval(), Qwen2VLChatProcessor.from_pretrained(directory)
+
+    def card(self) -> dict:
+        return {"library_name": "kakehashi", "tags": ["qwen2-vl-encoder"],
+                "format": "A Qwen2-VL vision encoder + merger in front of a causal LM, in kakehashi's own format "
+                          "(`train.chat.load_export`); no remote code."}
+
+
+QWEN2VL = Qwen2VLFamily()
+
+
+def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None = None) -> None:
+    """Patch embed + blocks from a Qwen2-VL checkpoint (its `visual.*` tensors). The merger is loaded only when its
+    output width matches the LLM's; else it starts random (Sarashina2-Vision trains it first)."""
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    directory = Path(path) if Path(path).is_dir() else Path(snapshot_download(path, revision=revision,
+                                                                               allow_patterns=["*.safetensors"]))
+    own = model.vision.state_dict()
+    loaded = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            for key in tensors.keys():
+                name = key.removeprefix("model.").removeprefix("visual.") if ".visual." in f".{key}" else None
+                if name in own and tensors.get_slice(key).get_shape() == list(own[name].shape):
+                    loaded[name] = tensors.get_tensor(key)
+    if any(k.startswith("merger.") and k not in loaded for k in own):  # a merger to another width: all of it new
+        loaded = {k: v for k, v in loaded.items() if not k.startswith("merger.")}
+    missing = [k for k in own if k not in loaded and not k.startswith("merger.")]
+    if missing:
+        raise ValueError(f"{path}: no Qwen2-VL vision weights for {', '.join(missing[:3])} ...")
+    model.vision.load_state_dict(loaded, strict=False)
+    log.info("vision encoder weights from %s (%d tensors; merger %s)", path, len(loaded),
+             "loaded" if any(k.startswith("merger.") for k in loaded) else "new")

@@ -1,0 +1,225 @@
+"""The LLaVA family: a SigLIP or CLIP vision tower + a 2-layer MLP projector + a causal LM (Asagi's shape), held as
+transformers' own LlavaForConditionalGeneration.
+
+Training the HF class itself (rather than a look-alike converted at the end) is what makes the export exact: the
+weights we train are the weights `LlavaForConditionalGeneration.from_pretrained` reads. No parallelism here;
+DeepSpeed wraps what `training_module` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from train.models.base import (
+    IMAGE_TOKEN,
+    ModelFamily,
+    checked_config,
+    image_processor_class,
+    inline_config,
+    llm_config,
+    load_llm,
+    set_attn_implementation,
+    token_loss_sum,
+)
+
+log = logging.getLogger(__name__)
+
+TOWERS = {  # vision_encoder.kind -> (config class, model class, image processor class name, extra tokens (CLS))
+    "siglip": (SiglipVisionConfig, SiglipVisionModel, "SiglipImageProcessor", 0),
+    "clip": (CLIPVisionConfig, CLIPVisionModel, "CLIPImageProcessor", 1),
+}
+KIND_OF_MODEL_TYPE = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+
+
+def vision_config(spec):
+    source = spec.vision_encoder
+    inline = inline_config(source)
+    if inline is not None:
+        return checked_config(TOWERS[source.kind][0], inline, "model.vision_encoder.config")
+    loaded = AutoConfig.from_pretrained(source.path, revision=source.revision,
+                                        trust_remote_code=source.trust_remote_code)
+    return getattr(loaded, "vision_config", loaded)  # a full SigLIP/CLIP checkpoint carries a text tower too
+
+
+def tower_kind(config: LlavaConfig) -> str:
+    return KIND_OF_MODEL_TYPE[config.vision_config.model_type]
+
+
+def tokens_per_image(config: LlavaConfig) -> int:
+    """Image tokens in the LLM's sequence per image, counted as LlavaProcessor counts them."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    dropped = 1 if config.vision_feature_select_strategy == "default" else 0  # "default" drops the first token (CLS)
+    return patches + TOWERS[tower_kind(config)][3] - dropped
+
+
+class LlavaFamily(ModelFamily):
+    name = "llava"
+    projector_kinds = ("mlp2x_gelu",)
+    export_model_types = ("llava",)
+
+    def validate(self, spec) -> list[str]:
+        problems = []
+        if spec.vision_encoder.min_pixels or spec.vision_encoder.max_pixels:
+            problems.append(f"vision_encoder: min_pixels / max_pixels apply to kind qwen2_vl only "
+                            f"({spec.vision_encoder.kind} has a fixed image size)")
+        if spec.projector.norm:
+            problems.append("projector.norm applies to kind qwen2_vl_merger only")
+        if spec.image_start_end:  # LlavaProcessor would not put them around the image tokens at inference
+            problems.append(f"image_start_end: a LLaVA export cannot wrap image tokens in start/end tokens "
+                            f"({spec.vision_encoder.kind}); it applies to kind qwen2_vl")
+        return problems
+
+    def config(self, spec, vocab_size: int, image_token_id: int) -> LlavaConfig:
+        text = llm_config(spec, vocab_size)
+        return LlavaConfig(
+            vision_config=vision_config(spec), text_config=text, image_token_index=image_token_id,
+            projector_hidden_act="gelu", vision_feature_select_strategy=spec.vision_encoder.select_strategy,
+            vision_feature_layer=spec.vision_encoder.feature_layer,
+            tie_word_embeddings=getattr(text, "tie_word_embeddings", False),
+        )
+
+    def build(self, spec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
+        model = LlavaForConditionalGeneration(config)
+        set_attn_implementation(model, spec)
+        if not load_weights:
+            return model
+        if spec.vision_encoder.path is not None:
+            tower_cls = TOWERS[spec.vision_encoder.kind][1]
+            tower = tower_cls.from_pretrained(spec.vision_encoder.path, revision=spec.vision_encoder.revision)
+            model.model.vision_tower.load_state_dict(tower.state_dict())
+            log.info("vision encoder weights from %s", spec.vision_encoder.path)
+        if spec.llm.path is not None:
+            causal = load_llm(spec, config.text_config.vocab_size)
+            model.model.language_model.load_state_dict(causal.get_decoder().state_dict())
+            model.lm_head.load_state_dict(causal.get_output_embeddings().state_dict())
+        return model
+
+    def processor(self, spec, tokenizer, config: LlavaConfig) -> LlavaProcessor:
+        source, vision = spec.vision_encoder, config.vision_config
+        processor_cls = image_processor_class(TOWERS[source.kind][2])
+        if source.path is not None and source.config is None:
+            image_processor = processor_cls.from_pretrained(source.path, revision=source.revision)
+        elif source.kind == "clip":
+            size = vision.image_size
+            image_processor = processor_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        else:
+            image_processor = processor_cls(size={"height": vision.image_size, "width": vision.image_size})
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+            vision_feature_select_strategy=source.select_strategy, chat_template=tokenizer.chat_template,
+            image_token=IMAGE_TOKEN, num_additional_image_tokens=TOWERS[source.kind][3],
+        )
+
+    def load_processor(self, directory: Path) -> LlavaProcessor:
+        return LlavaProcessor.from_pretrained(directory)
+
+    def image_inputs(self, config: LlavaConfig, processor) -> dict:
+        # workers decode and resize to uint8 at the model's input size; the engine normalises on the device
+        return {"image_size": config.vision_config.image_size, "tokens_per_image": tokens_per_image(config),
+                "resize_mode": "shortest_edge_crop" if tower_kind(config) == "clip" else "squash"}
+
+    def components(self, model: LlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
+        return {"vision_encoder": [model.model.vision_tower], "projector": [model.model.multi_modal_projector],
+                "llm": [model.model.language_model, model.lm_head]}
+
+    def vision_blocks(self, model: LlavaForConditionalGeneration) -> nn.ModuleList:
+        return model.model.vision_tower.encoder.layers  # SigLIP and CLIP alike (transformers 5 flattens vision_model)
+
+    def towers(self, model: LlavaForConditionalGeneration) -> dict[str, nn.Module]:
+        return {"vision_encoder": model.model.vision_tower, "llm": model.model.language_model}
+
+    def vision_length(self, config: LlavaConfig) -> int:
+        vision = config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + TOWERS[tower_kind(config)][3]
+
+    def training_module(self, model: LlavaForConditionalGeneration) -> nn.Module:
+        return LlavaForTraining(model)
+
+    def unwrap(self, training_module: nn.Module) -> LlavaForConditionalGeneration:
+        return training_module.llava
+
+    def load_stage(self, directory: Path) -> LlavaForConditionalGeneration:
+        from safetensors.torch import load_file
+
+        model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(directory))
+        model.load_state_dict(load_file(Path(directory) / "model.safetensors"))
+        return model
+
+    def save_export(self, model: LlavaForConditionalGeneration, processor, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        processor.save_pretrained(directory)
+
+    def load_export(self, directory: Path):
+        from transformers import AutoProcessor
+
+        return LlavaForConditionalGeneration.from_pretrained(directory).eval(), AutoProcessor.from_pretrained(directory)
+
+    def card(self) -> dict:
+        return {"library_name": "transformers", "tags": ["llava"],
+                "format": "A `LlavaForConditionalGeneration`; it loads with plain transformers "
+                          "(`LlavaForConditionalGeneration`, `AutoProcessor`), no `trust_remote_code`."}
+
+
+LLAVA = LlavaFamily()
+
+
+class LlavaForTraining(nn.Module):
+    """LLaVA forward that returns the *summed* token loss and the target count (see base.token_loss_sum).
+
+    The vision tower runs on every call, on a dummy image whose contribution is zeroed when a micro-batch has no
+    image: under ZeRO-3 each module's parameters are all-gathered collectively, so a rank that skipped the tower
+    while another ran it would hang.
+    """
+
+    def __init__(self, llava: LlavaForConditionalGeneration):
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
+        # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None;
+        # position_ids: [B, T] for packed rows (restarting per sample), else None
+        assert image_grid_thw is None, "a LLaVA vision tower takes fixed-size images, not dynamic-resolution patches"
+        return token_loss_sum(self.logits(input_ids, attention_mask, pixel_values, position_ids), labels)
+
+    def logits(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
+        config = self.llava.config
+        embeds = self.llava.get_input_embeddings()(input_ids)  # [B, T, D]
+        dummy = pixel_values is None
+        if dummy:
+            size = config.vision_config.image_size
+            pixel_values = torch.zeros(1, 3, size, size, device=embeds.device)
+        pixel_values = pixel_values.to(embeds.dtype)
+        features = self.llava.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).to(embeds.dtype)  # [N*tokens, D]
+        if dummy:
+            embeds = embeds + 0.0 * features.sum()
+        else:
+            image_mask = (input_ids == config.image_token_index).unsqueeze(-1)
+            assert image_mask.sum() == features.shape[0], "image tokens in the text must match the encoder's output"
+            embeds = embeds.masked_scatter(image_mask.expand_as(embeds), features)
+        if position_ids is not None:
+            # packed rows: with no attention mask, transformers derives a block-diagonal causal mask (sdpa, eager)
+            # or flash-attention varlen boundaries from where the position ids restart; no attention across samples
+            attention_mask = None
+        return self.llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
