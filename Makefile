@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/kakehashi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ demo: install
 	DS_ACCELERATOR=cpu $(BIN)/kakehashi train recipes/tiny/asagi-2stage.yaml --output $(RUN)
 	$(BIN)/kakehashi shapes-eval $(RUN)/export --samples 100
 
-test: install
+test: install lint
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+test-fast: install  # the edit loop: no whole trainings, no Slurm
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow and not slurm and not gpu"
+
+lint: install
+	$(BIN)/ruff check train data_pipelines tests
 
 clean:
 	rm -rf $(VENV) runs data

@@ -1,0 +1,58 @@
+"""Run a function on several ranks of a real gloo process group, in fresh processes, and collect what each returns:
+the distributed pieces (all-reduces, lockstep generation, the guarded optimizer, eval split over ranks) tested
+directly, not only through whole trainings."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import traceback
+
+TIMEOUT = 600  # seconds for all ranks together: a bound for a loaded machine, not a timing
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        results.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - hand the traceback to the test process
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn, *args, world_size: int = 2) -> list:
+    """fn(rank, world_size, *args) on every rank (a module-level function: processes are spawned); returns the
+    results in rank order, or fails with the traceback of the first rank that raised."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    collected = {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = results.get(timeout=TIMEOUT)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            collected[rank] = value
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return [collected[rank] for rank in range(world_size)]

@@ -1,0 +1,141 @@
+"""The code's shape, checked: no import cycles inside a package (function-level imports included), no branching on
+the model family outside train/models/, functions in train/ that fit on a screen, and weights-only torch.load."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGES = ("train", "data_pipelines")
+MAX_FUNCTION_LINES = 60
+
+
+def modules(package: str) -> dict[str, Path]:
+    """Dotted module name inside `package` ("engine", "models.llava", "models" for its __init__) -> file."""
+    found = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        parts = path.relative_to(REPO / package).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name:
+            found[name] = path
+    return found
+
+
+def imported(path: Path, package: str, known: set[str]) -> set[str]:
+    """The modules of `package` that `path` imports anywhere in it (module level or inside functions)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    found = set()
+    for name in names:
+        if name.startswith(package + "."):
+            inner = name[len(package) + 1:]
+            while inner and inner not in known:  # `from train.models.base import X` -> models.base
+                inner = inner.rpartition(".")[0]
+            if inner:
+                found.add(inner)
+    return found
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    files = modules(package)
+    graph = {name: imported(path, package, set(files)) - {name} for name, path in files.items()}
+    for name in graph:  # importing a.b imports package a first; a's own import of a.b is not a cycle
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done, stack = set(), []
+
+    def visit(name):
+        if name in stack:
+            return stack[stack.index(name):] + [name]
+        if name in done:
+            return None
+        stack.append(name)
+        for target in sorted(graph[name]):
+            cycle = visit(target)
+            if cycle:
+                return cycle
+        stack.pop()
+        done.add(name)
+        return None
+
+    return next((cycle for name in sorted(graph) if (cycle := visit(name))), None)
+
+
+def test_the_import_graph_sees_function_level_imports_and_subpackages():
+    data, train = import_graph("data_pipelines"), import_graph("train")
+    assert {"convert", "verify", "cli_common"} <= data["commands"]
+    assert "loader" in data["bench"]  # imported inside loader_samples_per_s
+    assert {"models", "models.base"} <= train["run"] and "lora" in train["stages"]  # lora: inside plan_stage
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_modules_of_a_package_import_each_other_without_cycles(package):
+    cycle = find_cycle(import_graph(package))
+    assert cycle is None, f"import cycle in {package}: " + " -> ".join(cycle)
+
+
+def test_shared_modules_stay_below_the_commands_that_use_them():
+    data, train = import_graph("data_pipelines"), import_graph("train")
+    assert data["errors"] == set() and data["output"] == set() and train["errors"] == set()
+    assert not data["cli_common"] & {"commands", "convert", "verify", "bench"}
+    families = {m for m in train if m == "models" or m.startswith("models.")}
+    assert set().union(*(train[m] for m in families)) - families <= {"errors"}  # families know no run, recipe, loop
+
+
+def family_branches(path: Path) -> list[str]:
+    """Places in `path` that test what kind of model they hold: hasattr / getattr on a model, processor or config,
+    a comparison with a vision encoder kind, or isinstance with a model class."""
+    found = []
+    kinds = {"siglip", "clip", "qwen2_vl", "mlp2x_gelu", "qwen2_vl_merger"}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr") and node.args:
+            target = ast.unparse(node.args[0])
+            if re.search(r"model|llava|processor|config|vision|tower|module", target):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+        if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in kinds
+                                                 for c in [node.left, *node.comparators]):
+            found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            if re.search(r"Llava|Qwen|Siglip|CLIP", ast.unparse(node.args[1])):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_code_outside_train_models_branches_on_the_model_family():
+    outside = [path for package in PACKAGES for path in modules(package).values()
+               if not path.is_relative_to(REPO / "train" / "models")]
+    branches = [b for path in outside for b in family_branches(path)]
+    assert not branches, "family branches outside train/models/: " + "; ".join(branches)
+    assert family_branches(REPO / "train" / "models" / "llava.py")  # the scan finds the ones that are allowed
+
+
+def long_functions(path: Path) -> list[str]:
+    return [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_in_train_is_longer_than_a_screen():
+    too_long = [f for path in modules("train").values() for f in long_functions(path)]
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(too_long)
+
+
+def test_every_torch_load_in_the_source_is_weights_only():
+    calls = []
+    for path in list((REPO / "train").rglob("*.py")) + list((REPO / "data_pipelines").rglob("*.py")):
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
+            calls.append((path.name, match.group(1)))
+    assert calls, "expected at least one torch.load to check"
+    assert all("weights_only=True" in args for _, args in calls), calls

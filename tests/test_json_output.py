@@ -1,0 +1,81 @@
+"""Every command that takes --json prints exactly one JSON document on stdout, through the real CLI, with the logs,
+progress, freeze tables and third-party output (DeepSpeed's op build included) on stderr."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO, kakehashi
+from tests.train.conftest import short_recipe
+from train.cli import build_parser
+
+pytestmark = pytest.mark.slow  # a training and a benchmark through the real command
+
+
+def json_commands() -> set[str]:
+    """Every `kakehashi ...` command line (as 'bench train', 'data verify') whose parser has a --json option."""
+    found = set()
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if "--json" in action.option_strings:
+                found.add(prefix.strip())
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{prefix} {name}")
+
+    walk(build_parser(), "")
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A very short tiny run through `kakehashi train --json`: its result document, and the run directory."""
+    tmp = tmp_path_factory.mktemp("json")
+    recipe = short_recipe(tmp, steps=(2, 2), samples=40)
+    done = kakehashi("train", recipe, "--output", tmp / "run", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout), tmp
+
+
+def command_lines(trained) -> dict[str, list]:
+    _, tmp = trained
+    shards = sorted(str(p) for p in (tmp / "shapes").glob("*.tar"))
+    return {
+        "recipe check": ["recipe", "check", REPO / "recipes/tiny/asagi-lora.yaml", "--skip-data"],
+        "bench train": ["bench", "train", REPO / "recipes/tiny/asagi-2stage.yaml", "--stage", "2", "--packing", "on",
+                        "--steps", "1", "--warmup", "0", "--synthetic", "40"],
+        "bench data": ["bench", "data", *shards[:1], "--samples", "8", "--rounds", "1", "--image-size", "32"],
+        "data verify": ["data", "verify", *shards],
+        "data inspect": ["data", "inspect", *shards],
+        "data preview": ["data", "preview", shards[0], "--template", "asagi", "--limit", "2"],
+        "eval": ["eval", tmp / "run" / "export", "--data", shards[-1], "--max-samples", "2"],
+        "shapes-eval": ["shapes-eval", tmp / "run" / "export", "--samples", "2"],
+    }
+
+
+def test_every_json_command_is_tested(trained):
+    assert json_commands() == set(command_lines(trained)) | {"train"}
+
+
+def test_train_json_is_the_run_result(trained):
+    document, tmp = trained
+    assert [s["stage"] for s in document["stages"]] == ["align", "instruct"]
+    assert document["export"] == str(tmp / "run" / "export") and document["run"] == str(tmp / "run")
+
+
+@pytest.mark.parametrize("command", ["recipe check", "bench train", "bench data", "data verify", "data inspect",
+                                     "data preview", "eval", "shapes-eval"])
+def test_json_output_is_one_document_on_stdout(trained, command, tmp_path):
+    env = {}
+    if command == "bench train":  # a fresh extensions dir: DeepSpeed JIT-builds its CPU op, and the compiler talks
+        env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch-extensions")}
+    done = kakehashi(*command_lines(trained)[command], "--json", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout)  # the whole of stdout
+    assert isinstance(document, dict) and document
+    if command == "bench train":
+        assert os.listdir(tmp_path / "torch-extensions")  # the op was built in this run, its noise kept off stdout
+        assert document["packing"] is True and "INFO" in done.stderr
