@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint check-vllm clean
 
 $(BIN)/kakehashi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-fast: install  # the edit loop: no whole trainings, no Slurm
 
 lint: install
 	$(BIN)/ruff check train data_pipelines tests
+
+check-vllm: install  # optional, outside `make test`: vLLM's CPU build (its own venv) serves the demo export
+	test -f $(RUN)/export/config.json || $(MAKE) demo
+	VENV=.venv-vllm PYTHON=$(PYTHON) bash tests/interop/install_vllm.sh
+	.venv-vllm/bin/python tests/interop/check_vllm.py $(RUN)/export
 
 clean:
 	rm -rf $(VENV) runs data

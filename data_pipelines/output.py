@@ -20,7 +20,7 @@ import sys
 from typing import Iterator, TextIO
 
 _results: TextIO | None = None  # the real stdout while a command runs
-NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "httpx", "urllib3")
+NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "huggingface_hub", "httpx", "urllib3")
 
 
 @contextlib.contextmanager
@@ -79,3 +79,9 @@ def configure_logging() -> None:
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:  # when transformers is imported already, the variable is read no more
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass

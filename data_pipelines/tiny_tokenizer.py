@@ -1,7 +1,9 @@
-"""A tiny Japanese BPE tokenizer, trained offline in well under a second on the templates and the synthetic texts.
+"""Tiny Japanese tokenizers, trained offline in about a second on the templates and the synthetic texts.
 
-Byte-level BPE: any text encodes (no unknown characters) and decodes back exactly. Frequent fixed phrases (the
-Asagi preamble, the questions) become single tokens, so the tiny model's sequences stay short.
+builtin:tiny-ja is a byte-level BPE (tokenizers): any text encodes (no unknown characters) and decodes back
+exactly. Frequent fixed phrases (the Asagi preamble, the questions) become single tokens, so the tiny model's
+sequences stay short. builtin:tiny-ja-sp is a sentencepiece model (with byte fallback) behind transformers'
+LlamaTokenizer, as Sarashina2's own tokenizer is: tools that read `tokenizer.model` (llama.cpp's converter) take it.
 """
 
 from __future__ import annotations
@@ -64,13 +66,40 @@ def build_tiny_tokenizer(save_dir: str | Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def load_or_build_tiny_tokenizer(cache_dir: str | Path) -> PreTrainedTokenizerFast:
+SENTENCEPIECE_VOCAB = 640  # 256 byte pieces (fallback) + the corpus's characters + merges
+SENTENCEPIECE_SYMBOLS = [IMAGE_PLACEHOLDER, "<|vision_start|>", "<|vision_end|>"]  # always one piece each
+
+
+def build_tiny_sentencepiece_tokenizer(save_dir: str | Path):
+    """Train a sentencepiece BPE model into save_dir/tokenizer.model and save transformers' LlamaTokenizer for it
+    beside (tokenizer.json); returns the tokenizer. Deterministic (one thread, fixed corpus)."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_corpus()), model_prefix=str(save_dir / "tokenizer"),
+        vocab_size=SENTENCEPIECE_VOCAB, model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        user_defined_symbols=SENTENCEPIECE_SYMBOLS, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        split_by_whitespace=False, num_threads=1, minloglevel=2, max_sentence_length=4096)
+    tokenizer = LlamaTokenizer.from_pretrained(str(save_dir), legacy=False, add_prefix_space=False,
+                                               add_bos_token=True, pad_token="<pad>")
+    tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+BUILDERS = {"builtin:tiny-ja": build_tiny_tokenizer, "builtin:tiny-ja-sp": build_tiny_sentencepiece_tokenizer}
+
+
+def load_or_build_tiny_tokenizer(cache_dir: str | Path, name: str = "builtin:tiny-ja"):
     """The tokenizer saved in `cache_dir`, building it there first if missing (atomically, for parallel callers)."""
     cache = Path(cache_dir)
     if not (cache / "tokenizer.json").is_file():
         tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_tokenizer(tmp)
+        BUILDERS[name](tmp)
         try:
             if cache.is_dir() and not any(cache.iterdir()):
                 cache.rmdir()
@@ -79,4 +108,8 @@ def load_or_build_tiny_tokenizer(cache_dir: str | Path) -> PreTrainedTokenizerFa
             if not (cache / "tokenizer.json").is_file():
                 shutil.copytree(tmp, cache, dirs_exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-    return PreTrainedTokenizerFast.from_pretrained(str(cache))
+    if name == "builtin:tiny-ja":
+        return PreTrainedTokenizerFast.from_pretrained(str(cache))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(cache))

@@ -75,6 +75,30 @@ class ComponentSource(Strict):
         return self
 
 
+class InitSource(Strict):
+    """A whole VLM a recipe starts from (`model.init`): a llava-hf checkpoint, a kakehashi export of either family,
+    or a checkpoint in Sarashina2-Vision's layout. Its config.json gives the architecture (filled into the component
+    sections, which must agree where they are given), its files the weights, and by default the tokenizer and the
+    chat template."""
+
+    path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str, info: ValidationInfo) -> str:
+        if _files_checked(info) and _is_local_path(value) and not Path(value).expanduser().is_dir():
+            raise ValueError(f"no such directory: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _safety(self) -> InitSource:
+        if self.trust_remote_code and not (self.revision and _REVISION.match(self.revision)):
+            raise ValueError("trust_remote_code needs `revision` pinned to a 40-hex commit")
+        return self
+
+
 def _families() -> dict:
     from train.models import FAMILIES  # the registry: vision_encoder.kind -> model family
 
@@ -104,13 +128,36 @@ class Projector(Strict):
 
 
 class ModelSpec(Strict):
+    init: InitSource | None = None                     # start from a whole VLM (see InitSource); `init: PATH` too
     vision_encoder: VisionEncoder
     projector: Projector = Projector()
     llm: ComponentSource
-    tokenizer: str = Field(description="'builtin:tiny-ja', a local directory, or a hub id")
+    tokenizer: str = Field(description="'builtin:tiny-ja' / 'builtin:tiny-ja-sp', a local directory, or a hub id")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # flash_attention_2: flash-attn, GPU
     # wrap each image's tokens in these two special tokens (added to the tokenizer when missing; never targets)
     image_start_end: tuple[str, str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_init(cls, data: Any) -> Any:
+        """With `init`, the components' architecture, the tokenizer and the family's fields come from the
+        checkpoint (train.models.init_fields); what the recipe gives must agree with it."""
+        if not isinstance(data, dict) or not data.get("init"):
+            return data
+        from train.models import init_fields
+
+        init = data["init"] if isinstance(data["init"], dict) else {"path": data["init"]}
+        fields = init_fields(init)  # ValueError naming the problem when the checkpoint cannot be read
+        problems = []
+        merged = {**data, "init": init, "tokenizer": data.get("tokenizer") or init["path"]}
+        for section, defaults in fields.items():
+            given = data.get(section) or {}
+            if isinstance(given, dict) and given.get("path"):
+                problems.append(f"{section}.path: the weights come from model.init; drop the component's path")
+            merged[section] = _agree(section, given, defaults, init["path"], problems)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return merged
 
     @model_validator(mode="after")
     def _fits_its_family(self) -> ModelSpec:
@@ -133,11 +180,29 @@ class ModelSpec(Strict):
     @classmethod
     def _tokenizer_exists(cls, value: str, info: ValidationInfo) -> str:
         if value.startswith("builtin:"):
-            if value != "builtin:tiny-ja":
-                raise ValueError(f"unknown builtin tokenizer {value!r}; valid: builtin:tiny-ja")
+            from data_pipelines.tiny_tokenizer import BUILDERS
+
+            if value not in BUILDERS:
+                raise ValueError(f"unknown builtin tokenizer {value!r}; valid: {', '.join(BUILDERS)}")
         elif _files_checked(info) and _is_local_path(value) and not Path(value).expanduser().exists():
             raise ValueError(f"no such file or directory: {value}")
         return value
+
+
+def _agree(section: str, given: Any, defaults: Any, init: str, problems: list[str]) -> Any:
+    """`defaults` (from model.init's checkpoint) with `given` (the recipe's) on top; a given value that differs from
+    the checkpoint's is a problem naming the field and both values."""
+    if not isinstance(defaults, dict) or not isinstance(given, dict):
+        if given not in (None, {}) and given != defaults:
+            problems.append(f"{section}: {given!r} in the recipe, {defaults!r} in model.init ({init})")
+        return defaults if given in (None, {}) else given
+    merged = dict(defaults)
+    for key, value in given.items():
+        if key in defaults and key != "path":
+            merged[key] = _agree(f"{section}.{key}", value, defaults[key], init, problems)
+        else:
+            merged[key] = value
+    return merged
 
 
 class DataSource(Strict):
@@ -296,12 +361,20 @@ class Recipe(Strict):
     name: str
     seed: int = 0
     model: ModelSpec
-    template: Literal["asagi", "sarashina", "plain", "chat"]
+    template: Literal["asagi", "sarashina", "plain", "chat"] | None = None  # default with model.init: chat (its own)
     synthesize: Synthesize | None = None
     wandb: dict[str, Any] | None = None                # {project, entity, ...}: logging on when set
     checkpoint: Checkpointing = Checkpointing()
     max_nonfinite_steps: int = Field(3, gt=0)          # skipped steps in a row before the run stops
     stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _template_given(self) -> Recipe:
+        if self.template is None:
+            if self.model.init is None:
+                raise ValueError("template: required field is missing (asagi, sarashina, plain or chat)")
+            self.template = "chat"  # the checkpoint's own chat template
+        return self
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Recipe:

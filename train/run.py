@@ -188,8 +188,9 @@ def model_config_offline(recipe: Recipe):
                                                              offline=True))
         except OSError:  # a hub tokenizer not on this machine
             pass
-    vocab = llm_config(recipe.model, 0).vocab_size + 1 + len(recipe.model.image_start_end or ())
-    return family_for(recipe.model).config(recipe.model, vocab, vocab - 1)
+    base = llm_config(recipe.model, 0).vocab_size
+    added = ["image", *(["image_start", "image_end"] if recipe.model.image_start_end else [])]
+    return family_for(recipe.model).config(recipe.model, base + len(added), {k: base + i for i, k in enumerate(added)})
 
 
 def stage_batches(session: RunSession, index: int):

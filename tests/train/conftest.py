@@ -35,7 +35,7 @@ def world():
 def tiny_model():
     """The tiny recipe's architecture with a small vocabulary, random init from a fixed seed."""
     recipe = load_recipe(TINY_RECIPE, check_files=False)
-    config = LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID)
+    config = LLAVA.config(recipe.model, VOCAB, {"image": IMAGE_TOKEN_ID})
     torch.manual_seed(0)
     return LLAVA.build(recipe.model, config)
 

@@ -43,4 +43,4 @@ def test_fast_paths_give_the_same_loss_and_gradients(tiny_model, fields):
 def test_flash_attention_without_the_package_is_a_recipe_error_naming_the_field():
     recipe = load_recipe(TINY_RECIPE, ["model.attn_implementation=flash_attention_2"], check_files=False)
     with pytest.raises(RecipeError, match=r"model\.attn_implementation: flash_attention_2 is not available here"):
-        LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID))
+        LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, {"image": IMAGE_TOKEN_ID}))

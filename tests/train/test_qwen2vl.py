@@ -23,7 +23,7 @@ PATCH_DIM = 3 * 2 * 8 * 8  # channels x temporal patch x patch x patch
 def qwen_model():
     recipe = load_recipe(SARASHINA, check_files=False)
     torch.manual_seed(0)
-    return QWEN2VL.build(recipe.model, QWEN2VL.config(recipe.model, VOCAB, IMAGE_ID)).eval()
+    return QWEN2VL.build(recipe.model, QWEN2VL.config(recipe.model, VOCAB, {"image": IMAGE_ID})).eval()
 
 
 def images(grids, seed=0):
@@ -44,9 +44,9 @@ def text_with_images(counts, length=40, seed=0):
 
 def test_components_split_merger_as_projector(qwen_model):
     names = {c: [n for n, _ in ps] for c, ps in QWEN2VL.component_parameters(qwen_model).items()}
-    assert all(n.startswith(("vision.patch_embed", "vision.blocks")) for n in names["vision_encoder"])
-    assert all(n.startswith(("vision.merger", "projector_norm")) for n in names["projector"])
-    assert any(n.startswith("projector_norm") for n in names["projector"])
+    assert all(n.startswith(("visual.patch_embed", "visual.blocks")) for n in names["vision_encoder"])
+    assert all(n.startswith(("visual.merger", "norm.")) for n in names["projector"])
+    assert any(n.startswith("norm.") for n in names["projector"])
     assert all(n.startswith("llm.") for n in names["llm"])
     assert sum(map(len, names.values())) == len(list(qwen_model.named_parameters()))
 
@@ -74,7 +74,7 @@ def test_without_an_image_the_encoder_runs_but_contributes_nothing(qwen_model):
     expected = torch.nn.functional.cross_entropy(plain[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     assert int(targets) == 22 and torch.allclose(loss_sum, expected, atol=1e-4)
     loss_sum.backward()  # the vision encoder took part in the graph (ZeRO-3 gathers its parameters on every rank)
-    block_grad = qwen_model.vision.blocks[0].mlp.fc1.weight.grad
+    block_grad = qwen_model.visual.blocks[0].mlp.fc1.weight.grad
     assert block_grad is not None and not block_grad.any()
 
 
@@ -132,7 +132,7 @@ def test_partial_unfreezing_trains_only_the_last_blocks(world, qwen_model, tiny_
         input_ids[1] = text_with_images([4], seed=1)[0]
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone(),
                  "pixel_values": pixels, "image_grid_thw": grid, "num_target_tokens": 78}
-        blocks = list(model.vision.blocks)
+        blocks = list(model.visual.blocks)
     else:
         model = tiny_model
         batch = random_batch(torch.Generator().manual_seed(0), 2, 24, 17)
@@ -187,11 +187,11 @@ def test_vision_weights_load_from_a_qwen2_vl_checkpoint_and_the_merger_starts_ne
     checkpoint.save_pretrained(tmp_path / "qwen2-vl")
     recipe.model.vision_encoder.path = str(tmp_path / "qwen2-vl")
     torch.manual_seed(0)
-    model = QWEN2VL.build(recipe.model, QWEN2VL.config(recipe.model, VOCAB, IMAGE_ID))
+    model = QWEN2VL.build(recipe.model, QWEN2VL.config(recipe.model, VOCAB, {"image": IMAGE_ID}))
     source = checkpoint.model.visual.state_dict()
-    assert all(torch.equal(p, source[n]) for n, p in model.vision.state_dict().items() if not n.startswith("merger."))
-    assert model.vision.merger.mlp[2].weight.shape == (64, 128)  # new, at the LLM's width, and all of it new:
-    assert not torch.equal(model.vision.merger.mlp[0].weight, source["merger.mlp.0.weight"])
+    assert all(torch.equal(p, source[n]) for n, p in model.visual.state_dict().items() if not n.startswith("merger."))
+    assert model.visual.merger.mlp[2].weight.shape == (64, 128)  # new, at the LLM's width, and all of it new:
+    assert not torch.equal(model.visual.merger.mlp[0].weight, source["merger.mlp.0.weight"])
 
 
 def test_gradient_checkpointing_keeps_the_loss(qwen_model):
@@ -203,4 +203,4 @@ def test_gradient_checkpointing_keeps_the_loss(qwen_model):
     enable_fast_paths(QWEN2VL, qwen_model, make_stage(gradient_checkpointing=True))  # both towers, as the engine does
     checkpointed, _ = qwen_model(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
     checkpointed.backward()
-    assert torch.allclose(loss, checkpointed) and qwen_model.vision.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+    assert torch.allclose(loss, checkpointed) and qwen_model.visual.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0

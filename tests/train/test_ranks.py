@@ -46,7 +46,7 @@ def _qwen_generation(rank, world_size, synced, new_tokens):
 
     recipe = load_recipe(SARASHINA, check_files=False)
     torch.manual_seed(0)
-    model = QWEN2VL.build(recipe.model, QWEN2VL.config(recipe.model, 300, 4)).eval()
+    model = QWEN2VL.build(recipe.model, QWEN2VL.config(recipe.model, 300, {"image": 4})).eval()
     pixels, grid = images([[1, 4, 4]], seed=rank)
     input_ids = text_with_images([4], length=20, seed=rank)
     first = model.generate(input_ids, torch.ones_like(input_ids), pixels, grid, max_new_tokens=1)[0, -1].item()

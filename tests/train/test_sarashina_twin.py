@@ -52,12 +52,12 @@ def test_three_stages_train_their_components_only(twin_run):
     def changed(a, b, prefix):
         return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
 
-    assert same(projector, vision, "llm.") and changed(projector, vision, "vision.merger.")
+    assert same(projector, vision, "llm.") and changed(projector, vision, "visual.merger.")
     # stage 2 unfreezes the last of 3 blocks only: blocks 0 and 1 and the patch embed stay bit-identical
-    assert same(projector, vision, "vision.blocks.0.") and same(projector, vision, "vision.blocks.1.")
-    assert same(projector, vision, "vision.patch_embed.") and changed(projector, vision, "vision.blocks.2.")
-    assert same(vision, instruct, "vision.patch_embed.") and same(vision, instruct, "vision.blocks.")
-    assert changed(vision, instruct, "llm.") and changed(vision, instruct, "projector_norm.")
+    assert same(projector, vision, "visual.blocks.0.") and same(projector, vision, "visual.blocks.1.")
+    assert same(projector, vision, "visual.patch_embed.") and changed(projector, vision, "visual.blocks.2.")
+    assert same(vision, instruct, "visual.patch_embed.") and same(vision, instruct, "visual.blocks.")
+    assert changed(vision, instruct, "llm.") and changed(vision, instruct, "norm.")
 
 
 def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_run):
@@ -68,7 +68,6 @@ def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_r
     from train.recipe import load_recipe
 
     run, _ = twin_run
-    assert json.loads((run / "export" / "config.json").read_text())["model_type"] == "kakehashi_qwen2vl"
     assert not list((run / "export").glob("*.bin")) and not list((run / "export").glob("*.py"))
     model, processor = load_export(run / "export")
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
@@ -124,3 +123,68 @@ def test_periodic_eval_on_two_zero3_ranks_equals_one_process_on_the_stage_weight
     recomputed = evaluator.run(trained.train(), 3)
     for key in ("eval_loss/caption", "eval_loss/vqa", "eval_loss"):
         assert recomputed[key] == pytest.approx(record[key], rel=1e-5), key
+
+
+def test_the_export_has_sarashina2_visions_released_layout(twin_run):
+    """Field by field what SGLang's sarashina2_vision.py and llama.cpp's conversion/sarashina2.py read."""
+    from safetensors import safe_open
+
+    run, _ = twin_run
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert (config["architectures"], config["model_type"]) == (["Sarashina2VisionForCausalLM"], "sarashina2_vision")
+    assert config["text_config"]["model_type"] == "llama" and config["vision_config"]["model_type"] == "qwen2_vl"
+    assert config["vision_config"]["hidden_size"] == config["text_config"]["hidden_size"]  # the merger's output
+    tokenizer_files = {p.name for p in (run / "export").iterdir()}
+    assert {"tokenizer.model", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"} <= tokenizer_files
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "export")
+    assert tokenizer.convert_ids_to_tokens(
+        [config["image_token_index"], config["start_image_token_index"], config["end_image_token_index"]]) == [
+        "<image>", "<|vision_start|>", "<|vision_end|>"]
+    with safe_open(str(run / "export" / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    prefixes = ("visual.patch_embed.", "visual.blocks.", "visual.merger.ln_q.", "visual.merger.mlp.0.",
+                "visual.merger.mlp.2.", "norm.", "llm.model.", "llm.lm_head.")
+    assert all(n.startswith(prefixes) for n in names) and all(any(n.startswith(p) for n in names) for p in prefixes)
+    block = {n.split(".", 3)[3] for n in names if n.startswith("visual.blocks.0.")}
+    assert block == {f"{m}.{p}" for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+                     for p in ("weight", "bias")}
+
+
+def test_llama_cpps_converter_writes_the_text_gguf_and_the_mmproj(twin_run, tmp_path_factory):
+    """convert_hf_to_gguf.py (from the llama-cpp-python sdist on PyPI) takes the export as it is: the text model
+    (vocabulary from tokenizer.model) and the vision projector, every tensor with its shape."""
+    from safetensors.torch import load_file
+
+    from tests.interop.llama_cpp import convert, converter, read_gguf
+
+    run, _ = twin_run
+    root = converter(tmp_path_factory.getbasetemp() / "llama-cpp")
+    out = tmp_path_factory.mktemp("gguf")
+    text, mmproj = convert(root, run / "export", out / "text.gguf"), convert(root, run / "export", out / "mmproj.gguf",
+                                                                               mmproj=True)
+    assert text.returncode == 0 and mmproj.returncode == 0, text.stderr[-3000:] + mmproj.stderr[-3000:]
+    weights = load_file(run / "export" / "model.safetensors")
+    text_gguf = read_gguf(root, out / "text.gguf")
+    shapes = {t.name: [int(d) for d in reversed(t.shape)] for t in text_gguf.tensors}  # GGUF lists dims innermost first
+    assert shapes["token_embd.weight"] == list(weights["llm.model.embed_tokens.weight"].shape)
+    assert shapes["output.weight"] == list(weights["llm.lm_head.weight"].shape)
+    assert len(shapes) == sum(n.startswith("llm.") for n in weights)
+    vocab = text_gguf.fields["tokenizer.ggml.tokens"]
+    assert len(vocab.data) == weights["llm.model.embed_tokens.weight"].shape[0]
+    vision = {t.name for t in read_gguf(root, out / "mmproj.gguf").tensors}
+    assert {"mm.0.weight", "mm.2.weight", "v.patch_embd.weight", "v.post_ln.weight"} <= vision
+    assert sum(n.startswith("v.blk.") for n in vision) == 3 * 16  # 3 blocks, q/k/v split from qkv
+
+
+def test_kakehashi_chats_with_the_export(twin_run, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import kakehashi
+
+    run, _ = twin_run
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "red.png")
+    done = kakehashi("chat", run / "export", "--image", tmp_path / "red.png", "--prompt", "この図形は何色ですか？",
+                     "--max-new-tokens", "4")
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]

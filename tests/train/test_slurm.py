@@ -23,12 +23,13 @@ from tests.train.conftest import losses, short_recipe, torchrun
 
 STEPS = (2, 200)  # stage 2 long enough (about 20 s) to be signalled mid-stage
 # Waits poll the job (or process) and end as soon as what they wait for happens, or fail as soon as it no longer
-# can: a failed job state, a traceback in the log, a job or process that ended first. WAIT_BOUND only stops a wait
-# that nothing decides; it is generous so that a loaded machine (2 cores shared with other tests) is not a failure.
+# can: a failed job state, a job or process that ended first. WAIT_BOUND only stops a wait that nothing decides; it
+# is generous so that a loaded machine (2 cores shared with other tests) is not a failure. A traceback in the log
+# decides nothing: when Slurm requeues a job it cancels the step, and on a loaded machine torchrun then prints
+# ChildFailedError for a worker still exiting; the job's state and the run's files are what the tests check.
 WAIT_BOUND = 900  # seconds
 POLL = 0.5  # seconds between looks
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-TRACEBACK = "Traceback (most recent call last):"
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,6 @@ def log_tail(log, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else f"(no log at {log})"
 
 
-def traceback_in(log) -> bool:
-    return log.exists() and TRACEBACK in log.read_text(errors="replace")
-
-
 def wait_for(predicate, what: str, failed=lambda: None, log=None):
     """Poll `predicate` until it returns a true value, and return that. `failed()` returns why waiting on is
     pointless (then fail at once), else None. Fails after WAIT_BOUND s only when neither has decided."""
@@ -78,14 +75,11 @@ def wait_for(predicate, what: str, failed=lambda: None, log=None):
 
 
 def job_failed(job: str, log, *, completed_is_failure: bool = True):
-    """A `failed` check for wait_for: the job reached a failed state (or, unless waited for, COMPLETED), or its log
-    shows a traceback."""
+    """A `failed` check for wait_for: the job reached a failed state (or, unless waited for, COMPLETED)."""
     def check() -> str | None:
         state = job_field(job, "JobState")
         if state in FAILED_STATES or (completed_is_failure and state == "COMPLETED"):
             return f"job {job} is {state} (reason {job_field(job, 'Reason') or '?'})"
-        if traceback_in(log):
-            return f"the log of job {job} ({state or 'state unknown'}) shows a traceback"
         return None
     return check
 
@@ -229,16 +223,13 @@ def test_outside_slurm_sigterm_to_the_agent_reaches_the_workers_which_save_and_e
         metrics = run / "metrics.jsonl"
 
         def agent_failed() -> str | None:
-            if agent.poll() is not None:
-                return f"the agent exited {agent.returncode}"
-            return "the log shows a traceback" if traceback_in(log) else None
+            return f"the agent exited {agent.returncode}" if agent.poll() is not None else None
 
         try:
             wait_for(lambda: metrics.is_file() and '"stage": "instruct", "step": 5,' in metrics.read_text(),
                      "stage 2 to reach step 5", agent_failed, log)
             agent.send_signal(signal.SIGTERM)
-            wait_for(lambda: agent.poll() is not None, "the agent to exit after SIGTERM",
-                     lambda: "the log shows a traceback" if traceback_in(log) else None, log)
+            wait_for(lambda: agent.poll() is not None, "the agent to exit after SIGTERM", log=log)
             assert agent.returncode == 143, log_tail(log)
         finally:
             agent.kill()

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
-from train.errors import RecipeError
+from train.errors import RecipeError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ class ModelFamily:
         """Problems of the recipe's model section for this family ('field: message'); may fill family defaults."""
         return []
 
-    def config(self, spec, vocab_size: int, image_token_id: int):
+    def config(self, spec, vocab_size: int, token_ids: dict[str, int]):
+        """The architecture record for a vocabulary of `vocab_size`; token_ids: {"image": id, and with
+        model.image_start_end "image_start", "image_end"} (train.models.model_config gives them)."""
         raise NotImplementedError
 
     def build(self, spec, config, *, load_weights: bool = True) -> nn.Module:
@@ -98,6 +100,11 @@ class ModelFamily:
 
     # -------------------------------------------------------------------------------------------- files
 
+    def init_fields(self, directory: Path, record: dict) -> dict:
+        """The recipe's model sections that a checkpoint of this family (config.json = `record`) fixes:
+        {"vision_encoder": {...}, "projector": {...}, "llm": {"config": ...}, ...} (model.init)."""
+        raise NotImplementedError
+
     def load_stage(self, directory: Path) -> nn.Module:
         """A stage directory's model (config.json + model.safetensors in the model's own state-dict names)."""
         raise NotImplementedError
@@ -112,6 +119,46 @@ class ModelFamily:
     def card(self) -> dict:
         """What the export's model card says of its format: {"library_name", "tags", "format"}."""
         raise NotImplementedError
+
+
+def checkpoint_dir(init, weights: bool = True) -> Path:
+    """model.init's directory (`init`: its recipe section or a dict of it): the local one, or the hub snapshot of
+    its files (with `weights`, the safetensors too; else the configs and tokenizer only)."""
+    source = init if isinstance(init, dict) else init.model_dump()
+    path = Path(source["path"]).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or source["path"].startswith((".", "~")) or source["path"].count("/") != 1:
+        raise UsageError(f"model.init: no such directory: {source['path']}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.jinja", "*.txt", *(["*.safetensors"] if weights else [])]
+    try:
+        return Path(snapshot_download(source["path"], revision=source.get("revision"), allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, ...: one line naming it
+        raise UsageError(f"model.init: cannot read {source['path']} ({str(err).splitlines()[0]})") from None
+
+
+def token_of(directory: Path, token_id: int) -> str:
+    """The token that a checkpoint's own tokenizer has at `token_id`."""
+    return AutoTokenizer.from_pretrained(directory).convert_ids_to_tokens(token_id)
+
+
+def own_fields(config: PretrainedConfig) -> dict:
+    """A config's own fields (hidden_size, ...) with its model_type, without PretrainedConfig's generic ones."""
+    generic = set(PretrainedConfig().to_dict()) - {"model_type"}
+    return {k: v for k, v in config.to_dict().items() if k not in generic}
+
+
+def resized_vocabulary(state: dict[str, torch.Tensor], names: tuple[str, ...], vocab_size: int) -> dict:
+    """`state` with the embedding and LM head rows `names` grown (new rows: the mean row) to `vocab_size`: a
+    checkpoint's vocabulary plus tokens kakehashi added to its tokenizer."""
+    for name in names:
+        if name in state and state[name].shape[0] < vocab_size:
+            rows = state[name]
+            extra = rows.mean(0, keepdim=True).expand(vocab_size - rows.shape[0], -1)
+            state[name] = torch.cat([rows, extra])
+    return state
 
 
 def parameter_size(param: nn.Parameter) -> int:
@@ -186,10 +233,11 @@ def image_processor_class(name: str):
 
 def load_tokenizer(spec, cache_dir: str | Path, offline: bool = False):
     """The recipe's tokenizer, with the image token (and image start/end tokens) added as special tokens if missing."""
-    if spec.tokenizer == "builtin:tiny-ja":
+    if spec.tokenizer.startswith("builtin:"):
         from data_pipelines.tiny_tokenizer import load_or_build_tiny_tokenizer
 
-        tokenizer = load_or_build_tiny_tokenizer(Path(cache_dir) / "tiny-ja")
+        name = spec.tokenizer.removeprefix("builtin:")
+        tokenizer = load_or_build_tiny_tokenizer(Path(cache_dir) / name, spec.tokenizer)
     else:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code,
                                                   local_files_only=offline)

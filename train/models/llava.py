@@ -28,10 +28,13 @@ from train.models.base import (
     IMAGE_TOKEN,
     ModelFamily,
     checked_config,
+    checkpoint_dir,
     image_processor_class,
     inline_config,
     llm_config,
     load_llm,
+    own_fields,
+    resized_vocabulary,
     set_attn_implementation,
     token_loss_sum,
 )
@@ -43,6 +46,16 @@ TOWERS = {  # vision_encoder.kind -> (config class, model class, image processor
     "clip": (CLIPVisionConfig, CLIPVisionModel, "CLIPImageProcessor", 1),
 }
 KIND_OF_MODEL_TYPE = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+# transformers 5's in-memory names -> the layout of published llava-hf checkpoints, which vLLM, SGLang and
+# transformers itself read (transformers 5 maps it back on load: conversion_mapping.py, "llava" and
+# "CLIPVisionModel"); vLLM reads the vision tower only as vision_tower.vision_model.*
+PUBLISHED_LAYOUT = (
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+SHARD_SIZE = "5GB"  # save_pretrained's default: one file below it, shards and an index above it
 
 
 def vision_config(spec):
@@ -84,10 +97,10 @@ class LlavaFamily(ModelFamily):
                             f"({spec.vision_encoder.kind}); it applies to kind qwen2_vl")
         return problems
 
-    def config(self, spec, vocab_size: int, image_token_id: int) -> LlavaConfig:
+    def config(self, spec, vocab_size: int, token_ids: dict[str, int]) -> LlavaConfig:
         text = llm_config(spec, vocab_size)
         return LlavaConfig(
-            vision_config=vision_config(spec), text_config=text, image_token_index=image_token_id,
+            vision_config=vision_config(spec), text_config=text, image_token_index=token_ids["image"],
             projector_hidden_act="gelu", vision_feature_select_strategy=spec.vision_encoder.select_strategy,
             vision_feature_layer=spec.vision_encoder.feature_layer,
             tie_word_embeddings=getattr(text, "tie_word_embeddings", False),
@@ -97,6 +110,10 @@ class LlavaFamily(ModelFamily):
         model = LlavaForConditionalGeneration(config)
         set_attn_implementation(model, spec)
         if not load_weights:
+            return model
+        if spec.init is not None:
+            model.load_state_dict(init_state_dict(spec, config))
+            log.info("weights from model.init %s", spec.init.path)
             return model
         if spec.vision_encoder.path is not None:
             tower_cls = TOWERS[spec.vision_encoder.kind][1]
@@ -112,7 +129,9 @@ class LlavaFamily(ModelFamily):
     def processor(self, spec, tokenizer, config: LlavaConfig) -> LlavaProcessor:
         source, vision = spec.vision_encoder, config.vision_config
         processor_cls = image_processor_class(TOWERS[source.kind][2])
-        if source.path is not None and source.config is None:
+        if spec.init is not None:  # the checkpoint's own resize, crop and normalisation
+            image_processor = processor_cls.from_pretrained(checkpoint_dir(spec.init, weights=False))
+        elif source.path is not None and source.config is None:
             image_processor = processor_cls.from_pretrained(source.path, revision=source.revision)
         elif source.kind == "clip":
             size = vision.image_size
@@ -153,6 +172,14 @@ class LlavaFamily(ModelFamily):
     def unwrap(self, training_module: nn.Module) -> LlavaForConditionalGeneration:
         return training_module.llava
 
+    def init_fields(self, directory: Path, record: dict) -> dict:
+        config = LlavaConfig.from_pretrained(directory)  # published llava-hf configs and our exports alike
+        vision, text = config.vision_config, config.text_config
+        return {"vision_encoder": {"kind": KIND_OF_MODEL_TYPE[vision.model_type], "config": own_fields(vision),
+                                   "feature_layer": config.vision_feature_layer,
+                                   "select_strategy": config.vision_feature_select_strategy},
+                "projector": {"kind": "mlp2x_gelu"}, "llm": {"config": own_fields(text)}}
+
     def load_stage(self, directory: Path) -> LlavaForConditionalGeneration:
         from safetensors.torch import load_file
 
@@ -160,9 +187,18 @@ class LlavaFamily(ModelFamily):
         model.load_state_dict(load_file(Path(directory) / "model.safetensors"))
         return model
 
-    def save_export(self, model: LlavaForConditionalGeneration, processor, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+    def save_export(self, model: LlavaForConditionalGeneration, processor, directory: Path,
+                    max_shard_size: str | int = SHARD_SIZE) -> None:
+        """The published llava-hf layout: weights under its names (sharded with an index above `max_shard_size`),
+        a config whose token ids and image_seq_length are this model's, the processor's files."""
+        from huggingface_hub import save_torch_state_dict
+
+        export_config(model.config, processor.tokenizer).save_pretrained(directory)
+        export_generation_config(processor.tokenizer).save_pretrained(directory)
+        save_torch_state_dict(published_state_dict(model), directory, max_shard_size=max_shard_size,
+                              metadata={"format": "pt"})
         processor.save_pretrained(directory)
+        processor.image_processor.save_pretrained(directory)  # preprocessor_config.json too, as llava-hf ships it
 
     def load_export(self, directory: Path):
         from transformers import AutoProcessor
@@ -176,6 +212,51 @@ class LlavaFamily(ModelFamily):
 
 
 LLAVA = LlavaFamily()
+
+
+def init_state_dict(spec, config: LlavaConfig) -> dict[str, torch.Tensor]:
+    """model.init's weights in transformers 5's names (from_pretrained maps the llava-hf layout), its vocabulary
+    grown to `config`'s when kakehashi added tokens to its tokenizer."""
+    source = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint_dir(spec.init), revision=spec.init.revision, trust_remote_code=spec.init.trust_remote_code)
+    return resized_vocabulary(source.state_dict(), ("model.language_model.embed_tokens.weight", "lm_head.weight"),
+                              config.text_config.vocab_size)
+
+
+def published_name(name: str) -> str:
+    for ours, published in PUBLISHED_LAYOUT:
+        if name.startswith(ours):
+            return published + name[len(ours):]
+    raise KeyError(f"{name}: no place in the llava-hf layout")
+
+
+def published_state_dict(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The model's weights under the published names; a tied LM head is stored once (as the embeddings)."""
+    state = {published_name(k): v for k, v in model.state_dict().items()}
+    if model.config.text_config.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    return state
+
+
+def export_config(config: LlavaConfig, tokenizer) -> LlavaConfig:
+    """A copy of `config` with what consumers read set for this model: the architectures (vLLM picks its classes by
+    them), the image tokens per image (LlavaConfig's default 576 is CLIP-L/336's), the tokenizer's special ids."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = LlavaConfig.from_dict(config.to_dict())
+    config.architectures = ["LlavaForConditionalGeneration"]  # what vLLM picks its model class by
+    config.text_config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.text_config.model_type]]
+    config.image_seq_length = tokens_per_image(config)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config.text_config, name, getattr(tokenizer, name))
+    return config
+
+
+def export_generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
 
 
 class LlavaForTraining(nn.Module):

@@ -1,9 +1,12 @@
-"""Qwen2-VL vision encoder -> its 2x2 patch merger (the projector, + optional LayerNorm) -> a causal LM.
+"""The Qwen2-VL-encoder family (Sarashina2-Vision's shape): Qwen2-VL's dynamic-resolution ViT -> its 2x2 patch
+merger (the projector, + the LayerNorm Sarashina2-Vision puts after it) -> a causal LM.
 
-transformers has no class for a Qwen2-VL ViT in front of a Llama (Sarashina2-Vision's shape), so this is our own
-small model built from transformers' parts: Qwen2VisionTransformerPretrainedModel (patch embed, blocks, merger) and
-AutoModelForCausalLM. It trains, exports (our format: config.json with a kakehashi architecture record +
-model.safetensors + tokenizer + image processor) and loads back without remote code. No parallelism here.
+transformers has no class for a Qwen2-VL ViT in front of a Llama, so this is our own small model built from
+transformers' parts (Qwen2VisionTransformerPretrainedModel, AutoModelForCausalLM). Its modules are named as the
+released Sarashina2-Vision checkpoint names its tensors (`visual.*`, `norm.*`, `llm.model.*`, `llm.lm_head.*`), and
+its config.json is the release's record (`Sarashina2VisionForCausalLM`, `model_type: sarashina2_vision`), so stages
+and exports are in the layout SGLang (sglang/srt/models/sarashina2_vision.py) and llama.cpp's converter
+(conversion/sarashina2.py: text GGUF + mmproj) load. No remote code; no parallelism here.
 
 Images arrive as Qwen2-VL's flattened patches: pixel_values [N_patches, 3 * temporal_patch * patch * patch] for
 all images of a micro-batch, and image_grid_thw [N_images, 3] (t, h, w in patches); image i gives
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,49 +30,68 @@ from train.models.base import (
     IMAGE_TOKEN,
     ModelFamily,
     checked_config,
+    checkpoint_dir,
     image_processor_class,
     inline_config,
     llm_config,
     load_llm,
+    own_fields,
+    resized_vocabulary,
     set_attn_implementation,
     token_loss_sum,
+    token_of,
 )
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "kakehashi_qwen2vl"
+MODEL_TYPE = "sarashina2_vision"
+ARCHITECTURE = "Sarashina2VisionForCausalLM"
+VISION_MODEL_TYPE = "qwen2_vl"  # the release's vision_config.model_type (transformers 5 calls it qwen2_vl_vision)
 PROCESSOR_FILE = "kakehashi_processor.json"
 
 
 class Qwen2VLVisionLMConfig:
-    """The architecture record written as config.json beside the weights (stages and exports)."""
+    """The architecture record written as config.json beside the weights (stages and exports), in the fields of the
+    released Sarashina2-Vision config that SGLang and llama.cpp's converter read: text_config (the LLM's),
+    vision_config (Qwen2-VL's, hidden_size = the LLM's width: the merger's output), image_token_index and the image
+    start/end token ids; `projector_norm` says whether the LayerNorm after the merger is there (the release's is)."""
 
     model_type = MODEL_TYPE
 
     def __init__(self, vision_config: Qwen2VLVisionConfig, text_config: PretrainedConfig, image_token_index: int,
-                 projector_norm: bool = False):
+                 projector_norm: bool = True, start_image_token_index: int | None = None,
+                 end_image_token_index: int | None = None):
         self.vision_config, self.text_config = vision_config, text_config
         self.image_token_index, self.projector_norm = image_token_index, projector_norm
+        self.start_image_token_index, self.end_image_token_index = start_image_token_index, end_image_token_index
 
     def to_dict(self) -> dict:
-        return {"model_type": MODEL_TYPE, "architectures": ["KakehashiQwen2VLVisionLM"],
-                "vision_config": self.vision_config.to_dict(), "text_config": self.text_config.to_dict(),
-                "image_token_index": self.image_token_index, "projector_norm": self.projector_norm}
+        text = self.text_config.to_dict()
+        return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "text_config": text,
+                "vision_config": {**own_fields(self.vision_config), "model_type": VISION_MODEL_TYPE},
+                "image_token_index": self.image_token_index, "start_image_token_index": self.start_image_token_index,
+                "end_image_token_index": self.end_image_token_index, "vocab_size": text["vocab_size"],
+                "tie_word_embeddings": text.get("tie_word_embeddings", False), "projector_norm": self.projector_norm}
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
+    def from_dict(cls, record: dict) -> Qwen2VLVisionLMConfig:
+        known = set(Qwen2VLVisionConfig().to_dict()) - {"model_type"}
+        vision = {k: v for k, v in record["vision_config"].items() if k in known}
+        text = dict(record["text_config"])
+        return cls(Qwen2VLVisionConfig(**vision), AutoConfig.for_model(text.pop("model_type"), **text),
+                   record["image_token_index"], record.get("projector_norm", True),
+                   record.get("start_image_token_index"), record.get("end_image_token_index"))
+
+    @classmethod
     def from_pretrained(cls, directory) -> Qwen2VLVisionLMConfig:
         record = json.loads(Path(directory, "config.json").read_text())
         if record.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{directory}/config.json is not a {MODEL_TYPE} record")
-        vision = dict(record["vision_config"])
-        vision.pop("model_type", None)
-        text = dict(record["text_config"])
-        return cls(Qwen2VLVisionConfig(**vision), AutoConfig.for_model(text.pop("model_type"), **text),
-                   record["image_token_index"], record["projector_norm"])
+        return cls.from_dict(record)
 
 
 class Qwen2VLVisionLM(nn.Module):
@@ -77,9 +100,9 @@ class Qwen2VLVisionLM(nn.Module):
     def __init__(self, config: Qwen2VLVisionLMConfig):
         super().__init__()
         self.config = config
-        self.vision = Qwen2VisionTransformerPretrainedModel(config.vision_config)  # its merger projects to the LLM
+        self.visual = Qwen2VisionTransformerPretrainedModel(config.vision_config)  # its merger projects to the LLM
         hidden = config.text_config.hidden_size
-        self.projector_norm = nn.LayerNorm(hidden) if config.projector_norm else None
+        self.norm = nn.LayerNorm(hidden) if config.projector_norm else None  # after the merger (Sarashina2-Vision)
         self.llm = AutoModelForCausalLM.from_config(config.text_config)
 
     @property
@@ -90,8 +113,8 @@ class Qwen2VLVisionLM(nn.Module):
 
     def image_features(self, pixel_values, image_grid_thw):
         # pixel_values: [N_patches, 3*T*P*P]; image_grid_thw: [N_images, 3] -> [N_patches / merge**2, D_llm]
-        features = self.vision(pixel_values, grid_thw=image_grid_thw).pooler_output  # blocks, then the merger
-        return self.projector_norm(features) if self.projector_norm is not None else features
+        features = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output  # blocks, then the merger
+        return self.norm(features) if self.norm is not None else features
 
     def embeddings(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings [B, T, D] with the image features in the <image> positions.
@@ -196,6 +219,9 @@ class Qwen2VLChatProcessor:
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
+        sentencepiece = Path(self.tokenizer.name_or_path, "tokenizer.model")  # transformers 5 keeps tokenizer.json
+        if sentencepiece.is_file() and sentencepiece.parent.resolve() != Path(directory).resolve():
+            shutil.copyfile(sentencepiece, Path(directory, "tokenizer.model"))  # the model llama.cpp's converter reads
         self.image_processor.save_pretrained(directory)
         record = {"image_token": self.image_token, "image_start_end": self.image_start_end}
         Path(directory, PROCESSOR_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
@@ -238,15 +264,20 @@ class Qwen2VLFamily(ModelFamily):
             return [f"vision_encoder: min_pixels {encoder.min_pixels} is more than max_pixels {encoder.max_pixels}"]
         return []
 
-    def config(self, spec, vocab_size: int, image_token_id: int) -> Qwen2VLVisionLMConfig:
+    def config(self, spec, vocab_size: int, token_ids: dict[str, int]) -> Qwen2VLVisionLMConfig:
         text = llm_config(spec, vocab_size)
-        return Qwen2VLVisionLMConfig(vision_config(spec, text), text, image_token_id, spec.projector.norm)
+        return Qwen2VLVisionLMConfig(vision_config(spec, text), text, token_ids["image"], spec.projector.norm,
+                                     token_ids.get("image_start"), token_ids.get("image_end"))
 
     def build(self, spec, config: Qwen2VLVisionLMConfig, *, load_weights: bool = True) -> Qwen2VLVisionLM:
         model = Qwen2VLVisionLM(config)
-        set_attn_implementation(model.vision, spec)
+        set_attn_implementation(model.visual, spec)
         set_attn_implementation(model.llm, spec)
         if not load_weights:
+            return model
+        if spec.init is not None:
+            model.load_state_dict(init_state_dict(spec, config))
+            log.info("weights from model.init %s", spec.init.path)
             return model
         if spec.vision_encoder.path is not None:
             load_vision_weights(model, spec.vision_encoder.path, spec.vision_encoder.revision)
@@ -273,15 +304,15 @@ class Qwen2VLFamily(ModelFamily):
                 "image_start_end": processor.image_start_end}
 
     def components(self, model: Qwen2VLVisionLM) -> dict[str, list[nn.Module]]:
-        projector = [model.vision.merger] + ([model.projector_norm] if model.projector_norm is not None else [])
-        return {"vision_encoder": [model.vision.patch_embed, model.vision.blocks], "projector": projector,
+        projector = [model.visual.merger] + ([model.norm] if model.norm is not None else [])
+        return {"vision_encoder": [model.visual.patch_embed, model.visual.blocks], "projector": projector,
                 "llm": [model.llm]}
 
     def vision_blocks(self, model: Qwen2VLVisionLM) -> nn.ModuleList:
-        return model.vision.blocks
+        return model.visual.blocks
 
     def towers(self, model: Qwen2VLVisionLM) -> dict[str, nn.Module]:
-        return {"vision_encoder": model.vision, "llm": model.llm.model}
+        return {"vision_encoder": model.visual, "llm": model.llm.model}
 
     def vision_length(self, config) -> None:
         return None  # t * h * w patches per image, read from each batch's image_grid_thw
@@ -291,6 +322,17 @@ class Qwen2VLFamily(ModelFamily):
 
     def unwrap(self, training_module: Qwen2VLVisionLM) -> Qwen2VLVisionLM:
         return training_module
+
+    def init_fields(self, directory: Path, record: dict) -> dict:
+        config = Qwen2VLVisionLMConfig.from_dict(record)
+        vision = {k: v for k, v in own_fields(config.vision_config).items() if k != "model_type"}
+        fields = {"vision_encoder": {"kind": "qwen2_vl", "config": vision},
+                  "projector": {"kind": "qwen2_vl_merger", "norm": config.projector_norm},
+                  "llm": {"config": own_fields(config.text_config)}}
+        ids = (config.start_image_token_index, config.end_image_token_index)
+        if None not in ids:  # the tokens around each image, by name (the recipe names tokens, the config ids)
+            fields["image_start_end"] = [token_of(directory, i) for i in ids]
+        return fields
 
     def load_stage(self, directory: Path) -> Qwen2VLVisionLM:
         from safetensors.torch import load_model
@@ -307,12 +349,24 @@ class Qwen2VLFamily(ModelFamily):
         return self.load_stage(directory).eval(), Qwen2VLChatProcessor.from_pretrained(directory)
 
     def card(self) -> dict:
-        return {"library_name": "kakehashi", "tags": ["qwen2-vl-encoder"],
-                "format": "A Qwen2-VL vision encoder + merger in front of a causal LM, in kakehashi's own format "
-                          "(`train.chat.load_export`); no remote code."}
+        return {"library_name": "kakehashi", "tags": ["sarashina2-vision", "qwen2-vl-encoder"],
+                "format": "A Qwen2-VL vision encoder + merger in front of a causal LM in Sarashina2-Vision's released "
+                          "layout (`Sarashina2VisionForCausalLM`), which SGLang and llama.cpp's converter read; "
+                          "kakehashi loads it without remote code (`train.chat.load_export`)."}
 
 
 QWEN2VL = Qwen2VLFamily()
+
+
+def init_state_dict(spec, config: Qwen2VLVisionLMConfig) -> dict[str, torch.Tensor]:
+    """model.init's weights: a checkpoint in Sarashina2-Vision's layout names its tensors as this model does."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(checkpoint_dir(spec.init).glob("*.safetensors")):
+        state.update(load_file(file))
+    return resized_vocabulary(state, ("llm.model.embed_tokens.weight", "llm.lm_head.weight"),
+                              config.text_config.vocab_size)
 
 
 def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None = None) -> None:
@@ -323,7 +377,7 @@ def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None 
 
     directory = Path(path) if Path(path).is_dir() else Path(snapshot_download(path, revision=revision,
                                                                                allow_patterns=["*.safetensors"]))
-    own = model.vision.state_dict()
+    own = model.visual.state_dict()
     loaded = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as tensors:
@@ -336,6 +390,6 @@ def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None 
     missing = [k for k in own if k not in loaded and not k.startswith("merger.")]
     if missing:
         raise ValueError(f"{path}: no Qwen2-VL vision weights for {', '.join(missing[:3])} ...")
-    model.vision.load_state_dict(loaded, strict=False)
+    model.visual.load_state_dict(loaded, strict=False)
     log.info("vision encoder weights from %s (%d tensors; merger %s)", path, len(loaded),
              "loaded" if any(k.startswith("merger.") for k in loaded) else "new")
