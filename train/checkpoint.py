@@ -11,6 +11,11 @@ A checkpoint is written into `.tmp-step-N`, and renamed once every rank has fini
 DeepSpeed loads its files with pickle (`weights_only=False`). Before we hand a checkpoint to it, every file is
 loaded here with `weights_only=True` and an allowlist of the few plain DeepSpeed classes its optimizer states
 contain; a file that needs anything else (a malicious pickle, for instance) is refused and nothing from it runs.
+Files are memory-mapped for that check (and for elastic resume), so no rank reads every rank's state whole.
+
+Elastic resume (another number of ranks than the checkpoint's) reads DeepSpeed's files itself, with the same
+weights_only loads, and re-cuts the saved partitions for the new world: ZeRO-1/2 per flat group
+(`reshard_zero12_optimizer`), ZeRO-3 per parameter (`reshard_zero3`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import math
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +58,7 @@ def verify_checkpoint(path: Path) -> None:
             continue
         try:
             with torch.serialization.safe_globals(_safe_globals()):
-                torch.load(file, map_location="cpu", weights_only=True)
+                torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
         except Exception as err:  # noqa: BLE001 - any failure means we will not unpickle it for real
             lines = str(err).strip().splitlines()
             first = lines[0] if lines else repr(err)
