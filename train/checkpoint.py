@@ -180,6 +180,12 @@ def _model_states_file(path: Path) -> Path:
     return next(path / name for name in names if (path / name).is_file())
 
 
+def optim_states_file(path: Path, rank: int) -> Path:
+    """A rank's ZeRO optimizer file; DeepSpeed prefixes its name with `bf16_` when the engine trains in bf16."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return path / name if (path / name).is_file() else path / f"bf16_{name}"
+
+
 def restore_schedule(engine, model_states: dict) -> None:
     """The learning-rate schedule, and the optimizer's current learning rates, which the schedule set at the saved
     step (the scheduler's state alone would leave the next step at the first step's rate), and the engine's counts."""
@@ -198,8 +204,8 @@ def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank:
     this rank takes its slice of that at its own partition size, zero-padded past the end.
     """
     with torch.serialization.safe_globals(_safe_globals()):
-        saved = [torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
-                            weights_only=True)["optimizer_state_dict"] for r in range(saved_world)]
+        saved = [torch.load(optim_states_file(path, r), map_location="cpu", weights_only=True, mmap=True)
+                 ["optimizer_state_dict"] for r in range(saved_world)]
     for group, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
         padding = sum(s["group_paddings"][group] for s in saved)
 
@@ -236,8 +242,8 @@ class Zero3Saved:
         with torch.serialization.safe_globals(_safe_globals()):
             self.models = [torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", map_location="cpu",
                                       weights_only=True, mmap=True) for r in range(world)]
-            self.optims = [torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
-                                      weights_only=True, mmap=True)["optimizer_state_dict"] for r in range(world)]
+            self.optims = [torch.load(optim_states_file(path, r), map_location="cpu", weights_only=True, mmap=True)
+                           ["optimizer_state_dict"] for r in range(world)]
         self.world = world
         self.where = {}  # trained parameter name -> (sub-group, offset in its flat partition, shape)
         for group, shapes in enumerate(self.models[0]["param_shapes"]):

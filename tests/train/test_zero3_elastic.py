@@ -73,7 +73,7 @@ class Capture(Hook):
             raise Enough
 
 
-def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last):
+def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last, precision="fp32"):
     """Stage 2 of the tiny recipe on ZeRO-3 (OVERRIDES), checkpoints under `out`; the model is initialised from
     `seed`, so whatever a resumed run holds came from the checkpoint. Rank 0 writes the snapshots to `out`/captured.pt
     (tensors do not outlive a spawned process through its result queue) and returns that path."""
@@ -82,7 +82,7 @@ def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last):
     from train.models.llava import LLAVA
     from train.recipe import load_recipe
 
-    recipe = load_recipe(TINY_RECIPE, OVERRIDES, check_files=False)
+    recipe = load_recipe(TINY_RECIPE, [*OVERRIDES, f"stages.1.precision={precision}"], check_files=False)
     torch.manual_seed(seed)
     model = LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID))
     batches = [random_batch(torch.Generator().manual_seed(1000 * rank + i), 2, 40, 20) for i in range(16)]
@@ -131,6 +131,17 @@ def test_a_zero3_checkpoint_resumes_from_two_ranks_on_one_and_from_one_on_two(tm
     back = captured(run_on_ranks(train_on_ranks, str(tmp_path / "back"), str(tmp_path / "one" / "step-0000004"), 2,
                                  (), 5, world_size=2)[0])
     assert_carried(back["resumed"], one[4], step=4)  # 1 -> 2
+
+
+def test_a_bf16_zero3_checkpoint_resumes_from_two_ranks_on_one(tmp_path):
+    """bf16: DeepSpeed names the optimizer files bf16_zero_pp_rank_*; the bf16 weights are the fp32 masters cast."""
+    two = captured(run_on_ranks(train_on_ranks, str(tmp_path / "two"), None, 0, (2,), 2, "bf16", world_size=2)[0])
+    assert sorted(p.name for p in (tmp_path / "two" / "step-0000002").glob("*optim_states.pt")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
+    one = captured(run_on_ranks(train_on_ranks, str(tmp_path / "one"), str(tmp_path / "two" / "step-0000002"), 1,
+                                (), 3, "bf16", world_size=1)[0])
+    assert_carried(one["resumed"], two[2], step=2)
+    assert {value.dtype for value in two[2]["weights"].values()} == {torch.bfloat16}
 
 
 def test_zero3_runs_resume_on_another_world_size_through_the_command_and_export(tmp_path):
