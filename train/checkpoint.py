@@ -166,8 +166,7 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
     else:
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
         reshard_zero12_optimizer(engine.optimizer, path, saved_world, rank)
-    with torch.serialization.safe_globals(_safe_globals()):
-        model_states = torch.load(_model_states_file(path), map_location="cpu", weights_only=True, mmap=True)
+    model_states = load_mapped(_model_states_file(path))
     restore_schedule(engine, model_states)
     state = torch.load(path / "kakehashi-rank00000.pt", map_location="cpu", weights_only=True)
     engine.global_steps = state["step"]
@@ -178,6 +177,12 @@ def _model_states_file(path: Path) -> Path:
     """Rank 0's model states file: `mp_rank_00_model_states.pt` (ZeRO-0/1/2), `zero_pp_rank_0_...` (ZeRO-3)."""
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     return next(path / name for name in names if (path / name).is_file())
+
+
+def load_mapped(file: Path) -> dict:
+    """A DeepSpeed checkpoint file, memory-mapped, with weights_only=True and the allowlist of verify_checkpoint."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
 
 def optim_states_file(path: Path, rank: int) -> Path:
@@ -203,9 +208,7 @@ def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank:
     into equal partitions, the last one padded. The saved partitions, joined and unpadded, are the whole group;
     this rank takes its slice of that at its own partition size, zero-padded past the end.
     """
-    with torch.serialization.safe_globals(_safe_globals()):
-        saved = [torch.load(optim_states_file(path, r), map_location="cpu", weights_only=True, mmap=True)
-                 ["optimizer_state_dict"] for r in range(saved_world)]
+    saved = [load_mapped(optim_states_file(path, r))["optimizer_state_dict"] for r in range(saved_world)]
     for group, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
         padding = sum(s["group_paddings"][group] for s in saved)
 
@@ -239,11 +242,8 @@ class Zero3Saved:
     """
 
     def __init__(self, path: Path, world: int):
-        with torch.serialization.safe_globals(_safe_globals()):
-            self.models = [torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", map_location="cpu",
-                                      weights_only=True, mmap=True) for r in range(world)]
-            self.optims = [torch.load(optim_states_file(path, r), map_location="cpu", weights_only=True, mmap=True)
-                           ["optimizer_state_dict"] for r in range(world)]
+        self.models = [load_mapped(path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world)]
+        self.optims = [load_mapped(optim_states_file(path, r))["optimizer_state_dict"] for r in range(world)]
         self.world = world
         self.where = {}  # trained parameter name -> (sub-group, offset in its flat partition, shape)
         for group, shapes in enumerate(self.models[0]["param_shapes"]):
