@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install demo test test-fast lint check-vllm clean
+.PHONY: install demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry
 
 $(BIN)/kakehashi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ check-vllm: install  # optional, outside `make test`: vLLM's CPU build (its own 
 	test -f $(RUN)/export/config.json || $(MAKE) demo
 	VENV=.venv-vllm PYTHON=$(PYTHON) bash tests/interop/install_vllm.sh
 	.venv-vllm/bin/python tests/interop/check_vllm.py $(RUN)/export
+
+# The GPU tier (tests/gpu/check.py): wheels made here travel with the tree to a GPU machine without network.
+GPU_PYTHON ?= python3
+GPU_OUT    ?= $(or $(OUT),runs/gpu-check)
+
+gpu-wheels: install  # here, with PyPI: wheels/ <- what the GPU image lacks (CPython 3.12, x86-64 Linux)
+	$(BIN)/python tests/gpu/check.py wheels --dest wheels
+
+gpu-check:  # on the GPU machine: no venv, no network; its python3 has torch, transformers, accelerate, peft
+	$(GPU_PYTHON) tests/gpu/check.py run --wheels wheels --out $(GPU_OUT)
+
+gpu-check-dry: install  # here, without a GPU: the same steps; GPU tests skip, cases run on CPU, tiny twins benched
+	DS_ACCELERATOR=cpu $(BIN)/python tests/gpu/check.py run --dry-run --wheels wheels --out runs/gpu-check-dry
 
 clean:
 	rm -rf $(VENV) runs data

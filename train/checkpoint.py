@@ -11,14 +11,21 @@ A checkpoint is written into `.tmp-step-N`, and renamed once every rank has fini
 DeepSpeed loads its files with pickle (`weights_only=False`). Before we hand a checkpoint to it, every file is
 loaded here with `weights_only=True` and an allowlist of the few plain DeepSpeed classes its optimizer states
 contain; a file that needs anything else (a malicious pickle, for instance) is refused and nothing from it runs.
+Files are memory-mapped for that check (and for elastic resume), so no rank reads every rank's state whole.
+
+Elastic resume (another number of ranks than the checkpoint's) reads DeepSpeed's files itself, with the same
+weights_only loads, and re-cuts the saved partitions for the new world: ZeRO-1/2 per flat group
+(`reshard_zero12_optimizer`), ZeRO-3 per parameter (`reshard_zero3`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +58,7 @@ def verify_checkpoint(path: Path) -> None:
             continue
         try:
             with torch.serialization.safe_globals(_safe_globals()):
-                torch.load(file, map_location="cpu", weights_only=True)
+                torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
         except Exception as err:  # noqa: BLE001 - any failure means we will not unpickle it for real
             lines = str(err).strip().splitlines()
             first = lines[0] if lines else repr(err)
@@ -137,7 +144,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dict:
     """Restore engine (model, optimizer, scheduler) and RNG; returns this rank's state.
 
-    On another number of ranks than it was saved on (elastic resume; ZeRO-0/1/2), the weights, optimizer state
+    On another number of ranks than it was saved on (elastic resume; any ZeRO stage), the weights, optimizer state
     (re-sharded), step and learning-rate schedule carry over, and the data position by sample count (rank 0's state
     is returned); the RNG streams of other ranks do not.
     """
@@ -152,20 +159,46 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
         if same_world:
             set_rng_state(state["rng"])
         return state
-    if zero_stage == 3:
-        raise UsageError(f"{path} was saved on {saved_world} ranks with ZeRO-3; resume it on {saved_world} ranks "
-                         f"(re-sharding ZeRO-3 state is not supported yet), or train with ZeRO-0/1/2 for elastic "
-                         f"resume")
     log.warning("%s was saved on %d ranks; resuming on %d: weights, optimizer state (re-sharded), step, schedule and "
                 "data position (by sample count) carry over", path, saved_world, world_size)
-    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
-    model_states = next(path.glob("*model_states.pt"))
-    scheduler_state = torch.load(model_states, map_location="cpu", weights_only=True)["lr_scheduler"]
-    engine.lr_scheduler.load_state_dict(scheduler_state)
-    reshard_zero12_optimizer(engine.optimizer, path, saved_world, rank)
+    if zero_stage == 3:
+        reshard_zero3(engine, path, saved_world, rank, world_size)
+    else:
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
+        reshard_zero12_optimizer(engine.optimizer, path, saved_world, rank)
+    model_states = load_mapped(_model_states_file(path))
+    restore_schedule(engine, model_states)
     state = torch.load(path / "kakehashi-rank00000.pt", map_location="cpu", weights_only=True)
     engine.global_steps = state["step"]
     return state
+
+
+def _model_states_file(path: Path) -> Path:
+    """Rank 0's model states file: `mp_rank_00_model_states.pt` (ZeRO-0/1/2), `zero_pp_rank_0_...` (ZeRO-3)."""
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    return next(path / name for name in names if (path / name).is_file())
+
+
+def load_mapped(file: Path) -> dict:
+    """A DeepSpeed checkpoint file, memory-mapped, with weights_only=True and the allowlist of verify_checkpoint."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def optim_states_file(path: Path, rank: int) -> Path:
+    """A rank's ZeRO optimizer file; DeepSpeed prefixes its name with `bf16_` when the engine trains in bf16."""
+    name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return path / name if (path / name).is_file() else path / f"bf16_{name}"
+
+
+def restore_schedule(engine, model_states: dict) -> None:
+    """The learning-rate schedule, and the optimizer's current learning rates, which the schedule set at the saved
+    step (the scheduler's state alone would leave the next step at the first step's rate), and the engine's counts."""
+    engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
+    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_samples = model_states.get("global_samples", engine.global_samples)
+    engine.skipped_steps = model_states.get("skipped_steps", engine.skipped_steps)
 
 
 def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank: int) -> None:
@@ -175,9 +208,7 @@ def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank:
     into equal partitions, the last one padded. The saved partitions, joined and unpadded, are the whole group;
     this rank takes its slice of that at its own partition size, zero-padded past the end.
     """
-    with torch.serialization.safe_globals(_safe_globals()):
-        saved = [torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
-                            weights_only=True)["optimizer_state_dict"] for r in range(saved_world)]
+    saved = [load_mapped(optim_states_file(path, r))["optimizer_state_dict"] for r in range(saved_world)]
     for group, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
         padding = sum(s["group_paddings"][group] for s in saved)
 
@@ -198,3 +229,94 @@ def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank:
         for key in ("exp_avg", "exp_avg_sq"):
             state[key] = my_slice(whole([m[key] for m in moments], padded=True))
         state["step"] = moments[0]["step"].clone()
+
+
+class Zero3Saved:
+    """A ZeRO-3 checkpoint's state, whole per parameter, read from the partitions of the ranks that saved it.
+
+    ZeRO-3 cuts every parameter into `ceil(numel / world)` elements per rank (the last rank's zero-padded). A rank's
+    optimizer file holds, per sub-group, one flat fp32 vector (and AdamW's exp_avg / exp_avg_sq) that is its
+    partition of each of the sub-group's parameters in order (`param_shapes` of the model states file, as
+    DeepSpeed's zero_to_fp32.py reads it); frozen parameters are in the model states file as each rank's partition.
+    Files are memory-mapped: a rank reads the pages of what it takes, not every saved rank's whole state.
+    """
+
+    def __init__(self, path: Path, world: int):
+        self.models = [load_mapped(path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world)]
+        self.optims = [load_mapped(optim_states_file(path, r))["optimizer_state_dict"] for r in range(world)]
+        self.world = world
+        self.where = {}  # trained parameter name -> (sub-group, offset in its flat partition, shape)
+        for group, shapes in enumerate(self.models[0]["param_shapes"]):
+            offset = 0
+            for name, shape in shapes.items():
+                self.where[name] = (group, offset, torch.Size(shape))
+                offset += math.ceil(torch.Size(shape).numel() / world)
+        self.frozen_shapes = self.models[0]["frozen_param_shapes"] or {}
+        self.step = self.optims[0]["optimizer_state_dict"]["state"][0]["step"]
+
+    def full(self, name: str, key: str) -> torch.Tensor:
+        """The whole flat tensor of a parameter: `fp32` (master weights), `exp_avg`, `exp_avg_sq`, or `frozen`."""
+        if key == "frozen":
+            numel = torch.Size(self.frozen_shapes[name]).numel()
+            return torch.cat([m["frozen_param_fragments"][name].reshape(-1) for m in self.models])[:numel]
+        group, offset, shape = self.where[name]
+        part = math.ceil(shape.numel() / self.world)
+
+        def flat(optim: dict) -> torch.Tensor:
+            if key == "fp32":
+                return optim["fp32_flat_groups"][group]
+            return optim["optimizer_state_dict"]["state"][group][key]
+
+        return torch.cat([flat(o).narrow(0, offset, part) for o in self.optims])[: shape.numel()]
+
+
+def _partition(full: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+    """This rank's `size` elements of a flat tensor cut into equal partitions, zero-padded past its end."""
+    piece = torch.zeros(size, dtype=full.dtype)
+    chunk = full[rank * size: (rank + 1) * size]
+    piece[: chunk.numel()] = chunk
+    return piece
+
+
+def reshard_zero3(engine, path: Path, saved_world: int, rank: int, world_size: int) -> None:
+    """Load a ZeRO-3 checkpoint saved on `saved_world` ranks into this rank's partitions of another world size.
+
+    Each trained parameter's fp32 master weights and AdamW moments are made whole from the saved partitions
+    (`Zero3Saved`) and cut again at this world's partition size, into this rank's flat fp32 partition, its optimizer
+    state and the parameter's own (bit16) partition; frozen parameters likewise from their saved partitions; AdamW's
+    step count carries over. The schedule and the engine's counts: `restore_schedule`.
+    """
+    saved, optimizer = Zero3Saved(path, saved_world), engine.optimizer
+    names = {param: name for name, param in engine.module.named_parameters()}
+    trained = set()
+    with torch.no_grad():
+        for group, params in enumerate(optimizer.fp16_groups):
+            flat = optimizer.fp32_partitioned_groups_flat[group]
+            state = optimizer.optimizer.state[flat]
+            targets = {"fp32": flat, **{key: state.setdefault(key, torch.zeros_like(flat))
+                                        for key in ("exp_avg", "exp_avg_sq")}}
+            offset = 0
+            for param in params:
+                name, size = _zero3_name(names, param, saved.where), param.partition_numel()
+                for key, target in targets.items():
+                    mine = _partition(saved.full(name, key), size, rank)
+                    target.narrow(0, offset, size).copy_(mine)
+                    if key == "fp32":  # the parameter's own partition (a view of the bit16 flat partition)
+                        param.ds_tensor.data.copy_(mine)
+                offset = offset + size
+                trained.add(name)
+            state["step"] = saved.step.clone()
+        for param, name in names.items():
+            if name not in trained and param.ds_numel:
+                size = param.partition_numel()
+                param.ds_tensor.data.copy_(_partition(saved.full(_zero3_name(names, param, saved.frozen_shapes),
+                                                                 "frozen"), size, rank))
+    log.info("ZeRO-3 state of %d ranks re-cut for %d: %d trained and %d frozen parameters", saved_world, world_size,
+             len(trained), len(names) - len(trained))
+
+
+def _zero3_name(names: dict, param, saved: dict) -> str:
+    name = names[param]
+    if name not in saved:
+        raise UsageError(f"checkpoint has no ZeRO-3 state for parameter {name} (saved by another stage or model?)")
+    return name
