@@ -11,7 +11,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from train.errors import UsageError
 
@@ -167,9 +167,3 @@ def image(rows: Rows, index: int, name: str, optional: bool = False) -> ImageRef
     base = rows.file.parent if rows.file.is_file() else rows.file
     return ImageRef(value, f"{rows.file}: row {index}: field {name!r}", base).check()
 
-
-def iter_limited(items: Iterator, limit: int | None) -> Iterator:
-    for count, item in enumerate(items):
-        if limit is not None and count >= limit:
-            return
-        yield item
