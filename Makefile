@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make demo` (install + tiny two-stage run + export)  and  `make test`.
+# Two commands on a fresh machine:  `make demo` (install + tiny two-stage run + export + benchmark)  and  `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -19,6 +19,10 @@ install: $(BIN)/kakehashi
 demo: install
 	DS_ACCELERATOR=cpu $(BIN)/kakehashi train recipes/tiny/asagi-2stage.yaml --output $(RUN)
 	$(BIN)/kakehashi shapes-eval $(RUN)/export --samples 100
+	# a JA-VG-VQA-500-shaped set of fresh shapes, scored as llm-jp-eval-mm scores the real one (train/benchmarks/)
+	$(BIN)/kakehashi data synth-bench --task ja-vg-vqa-500 --out data/bench/ja-vg-vqa-500 --samples 50
+	$(BIN)/kakehashi eval $(RUN)/export --task ja-vg-vqa-500 --data data/bench/ja-vg-vqa-500 \
+		--predictions $(RUN)/ja-vg-vqa-500-predictions.jsonl
 
 test: install lint
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q

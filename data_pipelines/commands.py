@@ -24,7 +24,7 @@ from data_pipelines.templates import TEMPLATES
 def register(subparsers) -> None:
     """Add the `data` command group to the CLI's subparsers."""
     data = subparsers.add_parser("data", help="dataset tools: synthesize, preview, convert, verify, inspect")
-    commands = data.add_subparsers(dest="data_command", metavar="{synth,preview,convert,verify,inspect}",
+    commands = data.add_subparsers(dest="data_command", metavar="{synth,synth-bench,preview,convert,verify,inspect}",
                                    required=True, parser_class=type(data))
 
     synth = commands.add_parser("synth", help="write the embedded synthetic shapes dataset as shards")
@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     synth.add_argument("--samples-per-shard", type=int, default=500)
     synth.add_argument("--force", action="store_true", help="overwrite shards already in --out")
     synth.set_defaults(func=cmd_synth)
+    _register_synth_bench(commands)
 
     preview = commands.add_parser("preview", help="print shard samples as the model will see them")
     preview.add_argument("shards", nargs="+", metavar="SHARD", help="shard paths, globs or {000000..000003} ranges")
@@ -64,6 +65,49 @@ def cmd_synth(args: argparse.Namespace) -> int:
     parts = [f"{args.samples} {task} samples in {shard_range(paths)}" for task, paths in written.items()]
     result(f"synthesized {', '.join(parts)}")
     return 0
+
+
+def _register_synth_bench(commands) -> None:
+    from data_pipelines.synth_bench import BENCH_TASKS, FORMATS
+
+    bench = commands.add_parser("synth-bench", help="write a small benchmark-shaped set (colour and shape questions "
+                                                    "in a benchmark's published schema) for `kakehashi eval --task`")
+    bench.add_argument("--task", required=True, choices=BENCH_TASKS)
+    bench.add_argument("--out", required=True, help="output folder (replaced if it holds a set already)")
+    bench.add_argument("--samples", type=int, default=12, help="images (rows) to draw (default 12)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    bench.add_argument("--format", choices=FORMATS, default="disk",
+                       help="disk: datasets save_to_disk (default); parquet; jsonl with PNG files")
+    bench.add_argument("--json", action="store_true", help='print {"task", "out", "path", "format", "split", "rows", '
+                                                           '"questions"}')
+    bench.set_defaults(func=cmd_synth_bench)
+
+
+def cmd_synth_bench(args: argparse.Namespace) -> int:
+    from data_pipelines.synth_bench import synth_bench
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not _looks_like_synth_bench(out):
+        raise UsageError(f"{out} is not empty and holds no synthetic benchmark set; choose an empty or new folder")
+    if args.samples < 1 or args.image_size < 8:
+        raise UsageError("--samples must be >= 1 and --image-size >= 8")
+    written = synth_bench(args.task, out, samples=args.samples, seed=args.seed, image_size=args.image_size,
+                          fmt=args.format)
+    if args.json:
+        result_json(written)
+    else:
+        result(f"{written['task']}: {written['questions']} questions on {written['rows']} images in {written['path']} "
+               f"({written['format']}, split {written['split']})")
+    return 0
+
+
+def _looks_like_synth_bench(out: Path) -> bool:
+    names = {p.name for p in out.iterdir()}
+    return bool(names) and names <= {"dataset_dict.json", "test", "train", "images", "test.jsonl", "train.jsonl",
+                                     "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"}
 
 
 def shard_range(paths: list[str]) -> str:

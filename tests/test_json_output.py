@@ -51,6 +51,7 @@ def command_lines(trained) -> dict[str, list]:
         "data verify": ["data", "verify", *shards],
         "data inspect": ["data", "inspect", *shards],
         "data preview": ["data", "preview", shards[0], "--template", "asagi", "--limit", "2"],
+        "data synth-bench": ["data", "synth-bench", "--task", "jmmmu", "--out", tmp / "jmmmu", "--samples", "2"],
         "eval": ["eval", tmp / "run" / "export", "--data", shards[-1], "--max-samples", "2"],
         "shapes-eval": ["shapes-eval", tmp / "run" / "export", "--samples", "2"],
     }
@@ -67,7 +68,7 @@ def test_train_json_is_the_run_result(trained):
 
 
 @pytest.mark.parametrize("command", ["recipe check", "bench train", "bench data", "data verify", "data inspect",
-                                     "data preview", "eval", "shapes-eval"])
+                                     "data preview", "data synth-bench", "eval", "shapes-eval"])
 def test_json_output_is_one_document_on_stdout(trained, command, tmp_path):
     env = {}
     if command == "bench train":  # a fresh extensions dir: DeepSpeed JIT-builds its CPU op, and the compiler talks

@@ -139,6 +139,12 @@ def cmd_shapes_eval(args) -> int:
 def cmd_eval(args) -> int:
     from train.evaluate import evaluate
 
+    if args.task:  # benchmark mode: train/benchmarks/run.py
+        from train.benchmarks.run import command
+
+        return command(args)
+    if args.limit is not None or args.predictions is not None:
+        raise UsageError("--limit and --predictions go with --task (benchmark mode)")
     model_dir = Path(args.model)
     template = args.template
     if template is None:
@@ -233,11 +239,19 @@ def _register_exports(commands) -> None:
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(func=cmd_chat)
 
-    evaluation = commands.add_parser("eval", help="validation loss per source, exact match and ROUGE-L on VQA")
+    evaluation = commands.add_parser("eval", help="validation loss per source, exact match and ROUGE-L on VQA; "
+                                                  "with --task, a Japanese benchmark scored as eval-mm scores it")
     evaluation.add_argument("model", help="an export directory")
-    evaluation.add_argument("--data", nargs="+", required=True, metavar="SHARD")
+    evaluation.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                            help="shards; with --task, the benchmark's save_to_disk folder, parquet or jsonl")
     evaluation.add_argument("--template", choices=TEMPLATES, help="default: the export's own (kakehashi.json)")
     evaluation.add_argument("--max-samples", type=int, default=200)
+    evaluation.add_argument("--task", help="benchmark: ja-vg-vqa-500, ja-vlm-bench-in-the-wild, "
+                                           "japanese-heron-bench, jmmmu, jdocqa (train/benchmarks/)")
+    evaluation.add_argument("--limit", type=int, help="with --task: the first N samples")
+    evaluation.add_argument("--predictions", metavar="FILE", help="with --task: per-sample jsonl")
+    evaluation.add_argument("--batch-size", type=int, help="with --task: requests per generate call (8)")
+    evaluation.add_argument("--max-new-tokens", type=int, help="with --task: per answer (256, as eval-mm)")
     evaluation.add_argument("--json", action="store_true")
     evaluation.set_defaults(func=cmd_eval)
 

@@ -5,6 +5,9 @@ exact match / character ROUGE-L of greedy answers to the first `eval_generate` V
 Samples are made by the training loader's own per-sample path (MixtureLoader.build_example, on a loader built as
 the stage's), so eval sees exactly what training would, for every model family.
 
+An eval_data entry may instead name a benchmark and its path (train/benchmarks/periodic.py): its judge-free metrics
+on eval-mm's scale join the same record as `eval/<name>/<metric>`.
+
 Written as `"kind": "eval"` records to metrics.jsonl (and wandb, with a table of the generations and their images).
 
 Lockstep across ranks, because under ZeRO-3 every forward all-gathers parameters collectively: ranks split each
@@ -53,6 +56,11 @@ class EvalSet:
     vqa: list[VqaSample]
 
 
+def shard_sources(stage: Stage) -> list[DataSource]:
+    """The stage's eval sources read from shards (the others are benchmarks)."""
+    return [source for source in stage.eval_data if source.benchmark is None]
+
+
 def source_names(sources: list[DataSource]) -> list[str]:
     """`name`, else the task; a repeated name gets its index (eval_loss/<name> must be unique)."""
     names = [s.name or s.task for s in sources]
@@ -63,7 +71,8 @@ def load_eval_set(stage: Stage, loader) -> EvalSet:
     """The first `eval_samples` usable samples of each eval source, made by `loader` (a MixtureLoader over the eval
     sources, as the stage's training loader is built) exactly as training makes its samples."""
     sources, vqa = {}, []
-    for index, (name, source) in enumerate(zip(source_names(stage.eval_data), stage.eval_data)):
+    shards = shard_sources(stage)
+    for index, (name, source) in enumerate(zip(source_names(shards), shards)):
         examples = sources.setdefault(name, [])
         for raw in (raw for shard in expand_shard_patterns(source.patterns) for raw in iter_raw_samples(shard)):
             if len(examples) >= stage.eval_samples:
@@ -85,8 +94,9 @@ def load_eval_set(stage: Stage, loader) -> EvalSet:
 
 class PeriodicEval:
     def __init__(self, family, stage: Stage, eval_set: EvalSet, processor, *, rank: int, world_size: int,
-                 metrics=None):
+                 metrics=None, benchmarks: list | None = None):
         self.family, self.stage, self.eval_set, self.processor = family, stage, eval_set, processor
+        self.benchmarks = benchmarks or []  # train/benchmarks/periodic.py BenchmarkEval
         self.rank, self.world_size, self.metrics = rank, world_size, metrics
         image_processor = processor.image_processor
         self.image_mean, self.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
@@ -110,7 +120,11 @@ class PeriodicEval:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 engine.eval()
                 record = {"kind": "eval", "stage": self.stage.name, "step": step, **self.losses(engine)}
-                answers = self.generate(self.family.unwrap(getattr(engine, "module", engine)))
+                model = self.family.unwrap(getattr(engine, "module", engine))
+                answers = self.generate(model)
+                synced = self.stage.zero_stage == 3 and self.world_size > 1
+                for benchmark in self.benchmarks:
+                    record.update(benchmark.run(model, self.processor, synced_gpus=synced))
         finally:
             for module, training in modes.items():
                 module.train(training)
@@ -126,6 +140,8 @@ class PeriodicEval:
 
     def losses(self, engine) -> dict:
         """eval_loss/<source>: mean token loss over the source's fixed samples, all ranks together."""
+        if not self.eval_set.sources:  # benchmarks only
+            return {}
         device = distributed.device()
         micro = self.stage.micro_batch_size
         sums = []
@@ -175,10 +191,17 @@ def build_periodic_eval(recipe, index: int, processor, config=None, *, rank: int
     stage = recipe.stages[index]
     if not stage.eval_every:
         return None
+    from train.benchmarks.periodic import load_benchmark_evals
+
     config = config if config is not None else model_config(recipe.model, processor.tokenizer)
-    specs = source_specs(stage.eval_data)
-    for spec, name in zip(specs, source_names(stage.eval_data)):
-        spec.name = name
-    loader = stage_loader(recipe, index, processor, config, rank=0, world_size=1, sources=specs, num_workers=0)
-    return PeriodicEval(family_for(recipe.model), stage, load_eval_set(stage, loader), processor, rank=rank,
-                        world_size=world_size, metrics=metrics)
+    eval_set, shards = EvalSet({}, []), shard_sources(stage)
+    if shards:
+        specs = source_specs(shards)
+        for spec, name in zip(specs, source_names(shards)):
+            spec.name = name
+        loader = stage_loader(recipe, index, processor, config, rank=0, world_size=1, sources=specs, num_workers=0)
+        eval_set = load_eval_set(stage, loader)
+    benchmarks = load_benchmark_evals([s for s in stage.eval_data if s.benchmark is not None], stage.eval_samples,
+                                      recipe.template)
+    return PeriodicEval(family_for(recipe.model), stage, eval_set, processor, rank=rank, world_size=world_size,
+                        metrics=metrics, benchmarks=benchmarks)

@@ -213,12 +213,12 @@ class DataSource(Strict):
 
     @property
     def patterns(self) -> list[str]:
-        return [self.shards] if isinstance(self.shards, str) else list(self.shards)
+        return [self.shards] if isinstance(self.shards, str) else list(self.shards or ())
 
     @field_validator("shards")
     @classmethod
-    def _shards_exist(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
-        if not _files_checked(info) or not info.context.get("check_data", True):
+    def _shards_exist(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        if value is None or not _files_checked(info) or not info.context.get("check_data", True):
             return value
         from data_pipelines.shards import expand_shard_patterns
 
@@ -233,6 +233,44 @@ class DataSource(Strict):
             except FileNotFoundError:
                 raise ValueError(f"no shard matches {pattern!r}") from None
         return value
+
+
+def _benchmarks() -> dict:
+    from train.benchmarks import TASKS  # the benchmark tasks kakehashi scores as eval-mm does
+
+    return TASKS
+
+
+class EvalSource(DataSource):
+    """An eval_data entry: shards and a task, as `data` (validation loss, and answers to VQA samples), or a benchmark
+    task read from `path` in its published schema (train/benchmarks/; its judge-free metrics on the first
+    `eval_samples` samples, logged as eval/<name>/<metric>)."""
+
+    shards: str | list[str] | None = None
+    task: Literal["caption", "vqa"] | None = None
+    benchmark: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _shards_or_benchmark(self, info: ValidationInfo) -> EvalSource:
+        problems = []
+        if self.benchmark is None:
+            problems += [f"{f} is missing (or name a `benchmark` and its `path`)" for f in ("shards", "task")
+                         if getattr(self, f) is None]
+            problems += ["path is set but benchmark is not"] if self.path is not None else []
+        else:
+            if self.benchmark not in _benchmarks():
+                problems.append(f"benchmark: unknown task {self.benchmark!r}; known: {', '.join(_benchmarks())}")
+            problems += [f"{f} does not go with benchmark (its samples come from `path`)" for f in ("shards", "task")
+                         if getattr(self, f) is not None]
+            if self.path is None:
+                problems.append("path is missing: the benchmark's save_to_disk folder, parquet or jsonl file")
+            elif _files_checked(info) and info.context.get("check_data", True) and \
+                    not Path(self.path).expanduser().exists():
+                problems.append(f"path: no such file or directory: {self.path}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class LearningRates(Strict):
@@ -285,7 +323,7 @@ class Stage(Strict):
     data: list[DataSource] = Field(min_length=1)
     # periodic evaluation (train/periodic_eval.py): every `eval_every` steps and at the stage end; 0 = off
     eval_every: int = Field(0, ge=0)
-    eval_data: list[DataSource] = []                   # held-out sources, same schema as `data`
+    eval_data: list[EvalSource] = []                   # held-out sources as `data`, or {benchmark, path}
     eval_samples: int = Field(32, gt=0)                # the first N usable samples of each eval source, every time
     eval_generate: int = Field(4, ge=0)                # of those, VQA samples answered greedily (exact match, ROUGE-L)
 

@@ -83,10 +83,17 @@ def write_plots(run_dir: Path, out: Path) -> list[Path]:
     return written
 
 
+def benchmark_fields(records: list[dict]) -> list[str]:
+    """eval/<benchmark>/<metric> fields of periodic eval (train/benchmarks/periodic.py), sample counts left out."""
+    return sorted({k for r in records for k in r if k.startswith("eval/") and not k.endswith("/samples")})
+
+
 def eval_panels(records: list[dict]) -> list[tuple[str, dict]]:
     sources = sorted({k for r in records for k in r if k.startswith("eval_loss/")})
     panels = [("eval loss", {k.removeprefix("eval_loss/"): _points(records, k) for k in sources})] if sources else []
-    return panels + [(label, {f: _points(records, f)}) for f, label in EVAL_SCORES.items() if _points(records, f)]
+    panels += [(label, {f: _points(records, f)}) for f, label in EVAL_SCORES.items() if _points(records, f)]
+    return panels + [(f.removeprefix("eval/"), {f.removeprefix("eval/"): _points(records, f)})
+                     for f in benchmark_fields(records)]
 
 
 def eval_table(run_dir: Path) -> str:
@@ -94,13 +101,15 @@ def eval_table(run_dir: Path) -> str:
     last = {stage: records[-1] for stage, records in read_metrics(run_dir, "eval").items()}
     if not last:
         return ""
-    lines = ["| stage | step | eval loss | per source | exact match | ROUGE-L |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | step | eval loss | per source | exact match | ROUGE-L | benchmarks (eval-mm scale) |",
+             "|---|---|---|---|---|---|---|"]
     number = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for stage, r in last.items():
         sources = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in r.items()
                             if k.startswith("eval_loss/"))
+        benchmarks = ", ".join(f"{k.removeprefix('eval/')} {r[k]:.4f}" for k in benchmark_fields([r]))
         lines.append(f"| {stage} | {r['step']} | {number(r.get('eval_loss'))} | {sources} | "
-                     f"{number(r.get('eval_exact_match'))} | {number(r.get('eval_rouge_l'))} |")
+                     f"{number(r.get('eval_exact_match'))} | {number(r.get('eval_rouge_l'))} | {benchmarks or '-'} |")
     return "\n## Periodic eval (last)\n\n" + "\n".join(lines) + "\n"
 
 

@@ -114,3 +114,18 @@ def test_preview_bad_input_is_a_one_line_usage_error(synth_dir, tmp_path, capsys
     if argv_tail[0].startswith("missing"):
         argv_tail[0] = f"{tmp_path}/{argv_tail[0]}"
     assert message in usage_error(["data", "preview", *argv_tail], capsys)
+
+
+def test_synth_bench_writes_a_benchmark_set_and_refuses_a_foreign_folder(tmp_path, capsys):
+    out = tmp_path / "vg"
+    for _ in range(2):  # a second run replaces its own set
+        assert run(["data", "synth-bench", "--task", "ja-vg-vqa-500", "--out", str(out), "--samples", "3",
+                    "--json"]) == 0
+        written = json.loads(capsys.readouterr().out)
+        assert written == {"task": "ja-vg-vqa-500", "out": str(out), "path": str(out), "format": "disk",
+                           "split": "test", "rows": 3, "questions": 6}
+    assert (out / "dataset_dict.json").is_file() and (out / "test").is_dir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    message = usage_error(["data", "synth-bench", "--task", "jmmmu", "--out", str(tmp_path / "mine")], capsys)
+    assert "is not empty" in message and (tmp_path / "mine" / "notes.txt").is_file()

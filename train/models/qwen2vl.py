@@ -151,41 +151,24 @@ class Qwen2VLVisionLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
-                 do_sample=False, synced_gpus=False, **_):
-        """Greedy decoding with the LLM's KV cache; returns prompt + new tokens [1, T + n] as transformers does.
+                 do_sample=False, synced_gpus=False, **generate):
+        """Greedy decoding of a (left-padded) batch by the LLM's own `generate` on the embeddings (KV cache, stop
+        strings, eos / pad ids as transformers does them); returns prompt + new tokens [B, T + n] as transformers does.
 
         `synced_gpus` (ZeRO-3 on several ranks): every rank keeps running forwards until all have finished, since
         each forward all-gathers parameters collectively."""
         if do_sample:
             raise ValueError("only greedy decoding is implemented")
         embeds = self.embeddings(input_ids, pixel_values, image_grid_thw)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True)
-        tokens, eos = input_ids, self.llm.generation_config.eos_token_id or self.config.text_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or ())
-        finished = False
-        for _ in range(max_new_tokens):
-            next_token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
-            if not finished:
-                tokens = torch.cat([tokens, next_token], dim=1)
-                finished = int(next_token) in eos
-            if not (_any_rank_running(finished, tokens.device) if synced_gpus else not finished):
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
-            out = self.llm(input_ids=next_token, attention_mask=attention_mask, past_key_values=out.past_key_values,
-                           use_cache=True)
-        return tokens
+        new_tokens = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
+                                       max_new_tokens=max_new_tokens, synced_gpus=synced_gpus, **generate)
+        return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)  # [B, T + n]
 
     def save_pretrained(self, directory, safe_serialization: bool = True) -> None:
         from safetensors.torch import save_model
 
         self.config.save_pretrained(directory)
         save_model(self, str(Path(directory, "model.safetensors")), metadata={"format": "pt"})  # tied weights once
-
-
-def _any_rank_running(finished: bool, device) -> bool:
-    flag = torch.tensor(0.0 if finished else 1.0, device=device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
 
 
 class Qwen2VLChatProcessor:
@@ -200,21 +183,31 @@ class Qwen2VLChatProcessor:
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, images=None, text: str = "", return_tensors: str = "pt"):
+    def __call__(self, images=None, text: str | list[str] = "", return_tensors: str = "pt", padding: bool = False):
+        """Token ids (and patches) of one text, or of a batch of texts (`padding`: to the longest, on the tokenizer's
+        padding side); `images` are those of every <image> of the text(s), in order."""
+        texts = [text] if isinstance(text, str) else list(text)
         inputs = {}
-        pieces = text.split(self.image_token)
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")
             inputs = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
             counts = (processed["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
-            if len(counts) != len(pieces) - 1:
-                raise ValueError(f"{len(pieces) - 1} {self.image_token} in the text for {len(counts)} image(s)")
-            start, end = self.image_start_end or ("", "")
-            text = pieces[0] + "".join(start + self.image_token * n + end + p for n, p in zip(counts, pieces[1:]))
+            placeholders = sum(t.count(self.image_token) for t in texts)
+            if len(counts) != placeholders:
+                raise ValueError(f"{placeholders} {self.image_token} in the text for {len(counts)} image(s)")
+            texts = [self._expand(t, counts) for t in texts]  # takes each text's counts off the front
         from transformers import BatchFeature
 
-        encoded = self.tokenizer(text, return_tensors=return_tensors)
+        encoded = self.tokenizer(texts[0] if isinstance(text, str) else texts, return_tensors=return_tensors,
+                                 padding=padding)
         return BatchFeature({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **inputs})
+
+    def _expand(self, text: str, counts: list[int]) -> str:
+        """`text` with each <image> replaced by its image's tokens (the next of `counts`, taken off the front)."""
+        pieces = text.split(self.image_token)
+        start, end = self.image_start_end or ("", "")
+        taken = [counts.pop(0) for _ in pieces[1:]]
+        return pieces[0] + "".join(start + self.image_token * n + end + p for n, p in zip(taken, pieces[1:]))
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
