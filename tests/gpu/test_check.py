@@ -13,7 +13,9 @@ import pytest
 from tests.conftest import REPO
 from tests.gpu import check
 
-OPTIONAL = {"wandb", "datasets"}  # imported only for wandb logging and `data convert hf`: not on the GPU check's path
+# imported only for wandb logging, `data convert hf` and the benchmark scorers (train/benchmarks/metrics.py, imported
+# inside its functions): not on the GPU check's path
+OPTIONAL = {"wandb", "datasets", "rouge_score", "emoji", "fugashi"}
 
 
 def normalized(name: str) -> str:
