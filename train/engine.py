@@ -177,7 +177,8 @@ def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepR
     # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
     targets = distributed.all_reduce_sum(sum(b["num_target_tokens"] for b in micro_batches))
     scale = ctx.world_size * ctx.accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
-    loss_sum = 0.0
+    # the step's figures stay on the device until one all-reduce at its end: no host sync per micro-batch
+    figures = torch.tensor([0.0, *counts(ctx, micro_batches)], dtype=torch.float64, device=ctx.device)
     for batch in micro_batches:
         inputs = model_inputs(batch, ctx.device, ctx.batches.image_mean, ctx.batches.image_std)
         micro_loss, _ = engine(**inputs)
@@ -185,20 +186,24 @@ def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepR
             micro_loss = micro_loss * float("nan")
         engine.backward(micro_loss * scale)
         engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
-        loss_sum += micro_loss.item()
-    loss = distributed.all_reduce_sum(loss_sum) / max(targets, 1.0)
-    # real (non-pad) tokens, samples, padded positions and model FLOPs of the step, all ranks
-    tokens, samples, positions, step_flops = distributed.all_reduce_sum([
-        sum(int(b["attention_mask"].sum()) for b in micro_batches),
-        sum(b.get("num_samples", b["input_ids"].shape[0]) for b in micro_batches),
-        sum(b["attention_mask"].numel() for b in micro_batches),
-        sum(ctx.plan.flops.step_flops(flops.batch_counts(b, ctx.image_token_id, ctx.vision_length))
-            for b in micro_batches),
-    ])
+        figures[0] += micro_loss.detach().double()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(figures)
+    loss_sum, tokens, samples, positions, step_flops = figures.tolist()
+    loss = loss_sum / max(targets, 1.0)
     applied = engine.was_step_applied() and math.isfinite(loss)  # DeepSpeed all-reduces the non-finite flag
     return StepResult(step=step, loss=loss, applied=applied, targets=int(targets),
                       tokens=int(tokens), samples=int(samples), positions=int(positions), flops=step_flops,
                       seconds=time.perf_counter() - started)
+
+
+def counts(ctx: StageContext, micro_batches: list[dict]) -> list[float]:
+    """This rank's real (non-pad) tokens, samples, padded positions and model FLOPs of a step (host-side data)."""
+    return [sum(int(b["attention_mask"].sum()) for b in micro_batches),
+            sum(b.get("num_samples", b["input_ids"].shape[0]) for b in micro_batches),
+            sum(b["attention_mask"].numel() for b in micro_batches),
+            sum(ctx.plan.flops.step_flops(flops.batch_counts(b, ctx.image_token_id, ctx.vision_length))
+                for b in micro_batches)]
 
 
 def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int,
