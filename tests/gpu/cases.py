@@ -36,7 +36,7 @@ def _tiny_model(seed: int = 0):
 
     recipe = load_recipe(TINY_RECIPE, check_files=False)
     torch.manual_seed(seed)
-    return LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID))
+    return LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, {"image": IMAGE_TOKEN_ID}))
 
 
 def _train(zero_stage: int, precision: str, steps: int = 3) -> dict:

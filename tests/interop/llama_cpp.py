@@ -39,8 +39,13 @@ def convert(root: Path, model: Path, out: Path, mmproj: bool = False) -> subproc
 
 
 def read_gguf(root: Path, path: Path):
-    """gguf-py's reader on a written file (tensor names and shapes, metadata)."""
-    sys.path.insert(0, str(root / "gguf-py"))
-    import gguf
+    """gguf-py's reader on a written file (tensor names and shapes, metadata).
 
+    gguf-py is on sys.path only while `gguf` is imported: it holds a `tests` package of its own, which would shadow
+    ours in every process spawned later in the session (multiprocessing's spawn copies sys.path)."""
+    sys.path.insert(0, str(root / "gguf-py"))
+    try:
+        import gguf
+    finally:
+        sys.path.remove(str(root / "gguf-py"))
     return gguf.GGUFReader(str(path))

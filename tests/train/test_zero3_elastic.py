@@ -84,7 +84,7 @@ def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last, precis
 
     recipe = load_recipe(TINY_RECIPE, [*OVERRIDES, f"stages.1.precision={precision}"], check_files=False)
     torch.manual_seed(seed)
-    model = LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, IMAGE_TOKEN_ID))
+    model = LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, {"image": IMAGE_TOKEN_ID}))
     batches = [random_batch(torch.Generator().manual_seed(1000 * rank + i), 2, 40, 20) for i in range(16)]
     capture = Capture(steps, last)
     try:
