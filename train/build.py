@@ -48,11 +48,11 @@ def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_siz
             family.build(spec, config, load_weights=False)
     with construction(stage):
         model = family.build(spec, config, load_weights=False)
+    if partitioned:
+        finish_partitioned(model, initialise=previous is None)
     if previous is not None:
         weights, strict = safetensors_weights(previous / "model.safetensors"), True
     else:
-        if partitioned:
-            initialise_partitioned(model)
         weights, strict = (family.weights(spec, config, model) if load else []), spec.init is not None
     count = load_weights(model, weights, strict=strict, gathered=gathered if partitioned else None)
     log.info("stage %s: model built in %s%s, %d weight tensors loaded%s", stage.name, stage_dtype(stage),
@@ -65,7 +65,7 @@ def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_siz
 def construction(stage: Stage):
     """Where the stage's model is built: parameters created in the stage's dtype; under ZeRO-3 inside
     zero.Init. There, transformers' own init is deferred (it would run on the then-empty partitions and mark them
-    done; initialise_partitioned runs it afterwards), as transformers' from_pretrained does under ZeRO-3."""
+    done; finish_partitioned runs it afterwards), as transformers' from_pretrained does under ZeRO-3."""
     dtype, before = stage_dtype(stage), torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -84,20 +84,22 @@ def construction(stage: Stage):
         torch.set_default_dtype(before)
 
 
-def initialise_partitioned(model: nn.Module) -> None:
-    """The random init a plain build gives, on a model built under zero.Init: transformers' init of each model
-    inside it, and the reset of any module outside one (e.g. a LayerNorm of our own), on gathered parameters."""
+def finish_partitioned(model: nn.Module, initialise: bool) -> None:
+    """What a plain build's post_init does, on a model built under zero.Init: tie the weights transformers ties
+    (the LM head to the embeddings), and with `initialise` its random init: transformers' init of each model inside
+    it, and the reset of any layer outside one (e.g. a LayerNorm of our own), on gathered parameters."""
     import deepspeed
     from transformers import PreTrainedModel
     from transformers.integrations.deepspeed import initialize_weights_zero3
 
     def visit(module: nn.Module) -> None:
         if isinstance(module, PreTrainedModel):
-            initialize_weights_zero3(module)
+            if initialise:
+                initialize_weights_zero3(module)
             module.tie_weights()
             return
         own = list(module.parameters(recurse=False))
-        if own:  # a torch layer of the model's own (e.g. a LayerNorm): its reset is its init
+        if own and initialise:  # a torch layer of the model's own (e.g. a LayerNorm): its reset is its init
             with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                 if torch.distributed.get_rank() == 0:
                     module.reset_parameters()

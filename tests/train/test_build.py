@@ -82,10 +82,14 @@ def peak_resident_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _build_zero3(rank, world_size, previous):
+TIED = ["model.llm.config.tie_word_embeddings=true"]
+
+
+def _build_zero3(rank, world_size, previous, tied):
     """On each rank: a random-init ZeRO-3 build of the tiny model (its gathered embedding's spread, and the imports
-    out of the way), then the wide model from `previous` under ZeRO-3: the peak resident size before and after,
-    this rank's share of the parameters, and whether every gathered weight equals the file's."""
+    out of the way), the tiny model with tied embeddings from `tied` (still tied?), then the wide model from
+    `previous`: the peak resident size before and after, this rank's share of the parameters, and whether every
+    gathered weight equals the file's."""
     from pathlib import Path
 
     import deepspeed
@@ -101,6 +105,10 @@ def _build_zero3(rank, world_size, previous):
     with deepspeed.zero.GatheredParameters([embeddings]):
         spread = float(embeddings.detach().std())
     del tiny
+    recipe, config = recipe_and_config(["stages.1.zero_stage=3", *TIED])
+    model = build_stage_model(LLAVA, recipe.model, config, recipe.stages[1], world_size, Path(tied))
+    still_tied = model.lm_head.weight is model.get_input_embeddings().weight
+    del model
 
     recipe, config = recipe_and_config(["stages.1.zero_stage=3", *WIDE])
     before = peak_resident_bytes()
@@ -115,7 +123,7 @@ def _build_zero3(rank, world_size, previous):
             with deepspeed.zero.GatheredParameters([params[weight.name]]):
                 if not torch.equal(params[weight.name].data, weight.read()):
                     differing.append(weight.name)
-    return {"spread": spread, "growth": after - before, "local": local, "full": full, "differing": differing}
+    return {"spread": spread, "tied": still_tied, "growth": after - before, "local": local, "full": full, "differing": differing}
 
 
 def test_zero3_builds_each_rank_only_its_partition_of_the_model(tmp_path, monkeypatch):
@@ -124,8 +132,10 @@ def test_zero3_builds_each_rank_only_its_partition_of_the_model(tmp_path, monkey
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     state = write_stage_dir(tmp_path / "previous", WIDE)
     full_bytes = sum(v.numel() * v.element_size() for v in state.values())
-    results = run_on_ranks(_build_zero3, str(tmp_path / "previous"))
+    write_stage_dir(tmp_path / "tied", TIED)
+    results = run_on_ranks(_build_zero3, str(tmp_path / "previous"), str(tmp_path / "tied"))
     for rank, result in enumerate(results):
+        assert result["tied"], rank  # transformers ties them in post_init, which zero.Init's build defers
         assert 0.015 < result["spread"] < 0.025, rank  # transformers' init (std 0.02), drawn after partitioning
         assert result["differing"] == [], rank
         assert result["full"] * 4 == full_bytes
