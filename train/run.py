@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from train import distributed, preemption
 from train.errors import Preempted
@@ -96,10 +96,11 @@ def train_and_write_stage(session: RunSession, index: int, done: Path) -> dict:
     from train.periodic_eval import build_periodic_eval
 
     recipe, stage, family, rank = session.recipe, session.recipe.stages[index], session.family, session.rank
+    from train.build import build_stage_model
+
     torch.manual_seed(recipe.seed)  # random-init components are identical on every rank
-    model = family.build(recipe.model, session.config, load_weights=session.previous is None)
-    if session.previous is not None:  # a stage starts from the previous stage's final weights
-        model.load_state_dict(load_file(session.previous / "model.safetensors"))
+    # a stage starts from the previous stage's final weights, the first from the recipe's
+    model = build_stage_model(family, recipe.model, session.config, stage, session.world_size, session.previous)
     loader = stage_batches(session, index)
     if session.metrics is not None:
         session.metrics.wandb_run = _wandb_run(recipe, stage, session.run)

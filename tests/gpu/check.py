@@ -159,7 +159,7 @@ def version(name):
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None,
-        "packages": {n: version(n) for n in ("deepspeed", "transformers", "accelerate", "peft", "pydantic",
+        "packages": {n: version(n) for n in ("deepspeed", "transformers", "peft", "pydantic",
                                              "webdataset", "flash-attn", "liger-kernel")}}
 import train.engine, train.bench, data_pipelines.loader  # the project imports with what is installed
 info["imports_ok"] = True

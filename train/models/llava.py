@@ -8,6 +8,7 @@ DeepSpeed wraps what `training_module` returns.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from train.models import base
 from train.models.base import (
     IMAGE_TOKEN,
     ModelFamily,
+    Weight,
     checked_config,
     checkpoint_dir,
     image_processor_class,
@@ -34,7 +37,6 @@ from train.models.base import (
     llm_config,
     load_llm,
     own_fields,
-    resized_vocabulary,
     set_attn_implementation,
     token_loss_sum,
 )
@@ -109,22 +111,32 @@ class LlavaFamily(ModelFamily):
     def build(self, spec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
         model = LlavaForConditionalGeneration(config)
         set_attn_implementation(model, spec)
-        if not load_weights:
-            return model
-        if spec.init is not None:
-            model.load_state_dict(init_state_dict(spec, config))
-            log.info("weights from model.init %s", spec.init.path)
-            return model
-        if spec.vision_encoder.path is not None:
-            tower_cls = TOWERS[spec.vision_encoder.kind][1]
-            tower = tower_cls.from_pretrained(spec.vision_encoder.path, revision=spec.vision_encoder.revision)
-            model.model.vision_tower.load_state_dict(tower.state_dict())
-            log.info("vision encoder weights from %s", spec.vision_encoder.path)
-        if spec.llm.path is not None:
-            causal = load_llm(spec, config.text_config.vocab_size)
-            model.model.language_model.load_state_dict(causal.get_decoder().state_dict())
-            model.lm_head.load_state_dict(causal.get_output_embeddings().state_dict())
+        if load_weights:
+            base.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
         return model
+
+    def weights(self, spec, config: LlavaConfig, model: LlavaForConditionalGeneration | None = None) -> list[Weight]:
+        if spec.init is not None:
+            log.info("weights from model.init %s", spec.init.path)
+            return init_weights(spec, config)
+        if model is None:  # the names and shapes that `path` components fill (nothing is allocated on meta)
+            with torch.device("meta"):
+                model = LlavaForConditionalGeneration(config)
+        shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
+        weights = []
+        if spec.vision_encoder.path is not None:
+            tower_cls, source = TOWERS[spec.vision_encoder.kind][1], spec.vision_encoder
+            log.info("vision encoder weights from %s", source.path)
+            weights += base.module_weights("model.vision_tower.", own(shapes, "model.vision_tower."),
+                                           lambda: tower_cls.from_pretrained(source.path, revision=source.revision),
+                                           shapes)
+        if spec.llm.path is not None:
+            causal = functools.cache(lambda: load_llm(spec, config.text_config.vocab_size))  # once for both parts
+            weights += base.module_weights("model.language_model.", own(shapes, "model.language_model."),
+                                           lambda: causal().get_decoder(), shapes)
+            weights += base.module_weights("lm_head.", own(shapes, "lm_head."),
+                                           lambda: causal().get_output_embeddings(), shapes)
+        return weights
 
     def processor(self, spec, tokenizer, config: LlavaConfig) -> LlavaProcessor:
         source, vision = spec.vision_encoder, config.vision_config
@@ -214,13 +226,31 @@ class LlavaFamily(ModelFamily):
 LLAVA = LlavaFamily()
 
 
-def init_state_dict(spec, config: LlavaConfig) -> dict[str, torch.Tensor]:
-    """model.init's weights in transformers 5's names (from_pretrained maps the llava-hf layout), its vocabulary
-    grown to `config`'s when kakehashi added tokens to its tokenizer."""
-    source = LlavaForConditionalGeneration.from_pretrained(
-        checkpoint_dir(spec.init), revision=spec.init.revision, trust_remote_code=spec.init.trust_remote_code)
-    return resized_vocabulary(source.state_dict(), ("model.language_model.embed_tokens.weight", "lm_head.weight"),
-                              config.text_config.vocab_size)
+def own(shapes: dict, prefix: str) -> list[str]:
+    return [name.removeprefix(prefix) for name in shapes if name.startswith(prefix)]
+
+
+def init_weights(spec, config: LlavaConfig) -> list[Weight]:
+    """model.init's tensors under transformers 5's in-memory names (the llava-hf layout mapped back, as
+    from_pretrained maps it), its vocabulary grown to `config`'s when kakehashi added tokens to its tokenizer."""
+    rows = config.text_config.vocab_size
+    weights = []
+    for weight in base.directory_weights(checkpoint_dir(spec.init)):
+        name = in_memory_name(weight.name)
+        weight = base.Weight(name, weight.shape, weight.read)
+        weights.append(base.grown_rows(weight, rows) if name in VOCABULARY_ROWS else weight)
+    return weights
+
+
+VOCABULARY_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def in_memory_name(name: str) -> str:
+    """A published llava-hf name -> transformers 5's in-memory name (names already in-memory are kept)."""
+    for ours, published in PUBLISHED_LAYOUT:
+        if name.startswith(published):
+            return ours + name[len(published):]
+    return name
 
 
 def published_name(name: str) -> str:

@@ -26,9 +26,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+from train.models import base
 from train.models.base import (
     IMAGE_TOKEN,
     ModelFamily,
+    Weight,
     checked_config,
     checkpoint_dir,
     image_processor_class,
@@ -36,7 +38,6 @@ from train.models.base import (
     llm_config,
     load_llm,
     own_fields,
-    resized_vocabulary,
     set_attn_implementation,
     token_loss_sum,
     token_of,
@@ -266,17 +267,28 @@ class Qwen2VLFamily(ModelFamily):
         model = Qwen2VLVisionLM(config)
         set_attn_implementation(model.visual, spec)
         set_attn_implementation(model.llm, spec)
-        if not load_weights:
-            return model
-        if spec.init is not None:
-            model.load_state_dict(init_state_dict(spec, config))
-            log.info("weights from model.init %s", spec.init.path)
-            return model
-        if spec.vision_encoder.path is not None:
-            load_vision_weights(model, spec.vision_encoder.path, spec.vision_encoder.revision)
-        if spec.llm.path is not None:
-            model.llm.load_state_dict(load_llm(spec, config.text_config.vocab_size).state_dict())
+        if load_weights:
+            base.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
         return model
+
+    def weights(self, spec, config: Qwen2VLVisionLMConfig, model: Qwen2VLVisionLM | None = None) -> list[Weight]:
+        if spec.init is not None:
+            log.info("weights from model.init %s", spec.init.path)
+            rows = config.text_config.vocab_size
+            return [base.grown_rows(w, rows) if w.name in VOCABULARY_ROWS else w
+                    for w in base.directory_weights(checkpoint_dir(spec.init))]
+        if model is None:  # the names and shapes that `path` components fill (nothing is allocated on meta)
+            with torch.device("meta"):
+                model = Qwen2VLVisionLM(config)
+        shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
+        weights = []
+        if spec.vision_encoder.path is not None:
+            weights += vision_weights(shapes, spec.vision_encoder.path, spec.vision_encoder.revision)
+        if spec.llm.path is not None:
+            names = [n.removeprefix("llm.") for n in shapes if n.startswith("llm.")]
+            weights += base.module_weights("llm.", names, lambda: load_llm(spec, config.text_config.vocab_size),
+                                           shapes)
+        return weights
 
     def processor(self, spec, tokenizer, config: Qwen2VLVisionLMConfig) -> Qwen2VLChatProcessor:
         vision = config.vision_config
@@ -351,38 +363,28 @@ class Qwen2VLFamily(ModelFamily):
 QWEN2VL = Qwen2VLFamily()
 
 
-def init_state_dict(spec, config: Qwen2VLVisionLMConfig) -> dict[str, torch.Tensor]:
-    """model.init's weights: a checkpoint in Sarashina2-Vision's layout names its tensors as this model does."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for file in sorted(checkpoint_dir(spec.init).glob("*.safetensors")):
-        state.update(load_file(file))
-    return resized_vocabulary(state, ("llm.model.embed_tokens.weight", "llm.lm_head.weight"),
-                              config.text_config.vocab_size)
+VOCABULARY_ROWS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
 
 
-def load_vision_weights(model: Qwen2VLVisionLM, path: str, revision: str | None = None) -> None:
-    """Patch embed + blocks from a Qwen2-VL checkpoint (its `visual.*` tensors). The merger is loaded only when its
-    output width matches the LLM's; else it starts random (Sarashina2-Vision trains it first)."""
+def vision_weights(shapes: dict, path: str, revision: str | None = None) -> list[Weight]:
+    """Patch embed + blocks from a Qwen2-VL checkpoint (its `visual.*` tensors), read one at a time. The merger is
+    loaded only when its output width matches the LLM's; else it starts random (Sarashina2-Vision trains it first)."""
     from huggingface_hub import snapshot_download
-    from safetensors import safe_open
 
     directory = Path(path) if Path(path).is_dir() else Path(snapshot_download(path, revision=revision,
                                                                                allow_patterns=["*.safetensors"]))
-    own = model.visual.state_dict()
+    own = {n.removeprefix("visual."): shape for n, shape in shapes.items() if n.startswith("visual.")}
     loaded = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as tensors:
-            for key in tensors.keys():
-                name = key.removeprefix("model.").removeprefix("visual.") if ".visual." in f".{key}" else None
-                if name in own and tensors.get_slice(key).get_shape() == list(own[name].shape):
-                    loaded[name] = tensors.get_tensor(key)
+    for weight in base.directory_weights(directory):
+        key = weight.name
+        name = key.removeprefix("model.").removeprefix("visual.") if ".visual." in f".{key}" else None
+        if name in own and tuple(weight.shape) == tuple(own[name]):
+            loaded[name] = base.Weight("visual." + name, weight.shape, weight.read)
     if any(k.startswith("merger.") and k not in loaded for k in own):  # a merger to another width: all of it new
         loaded = {k: v for k, v in loaded.items() if not k.startswith("merger.")}
     missing = [k for k in own if k not in loaded and not k.startswith("merger.")]
     if missing:
         raise ValueError(f"{path}: no Qwen2-VL vision weights for {', '.join(missing[:3])} ...")
-    model.visual.load_state_dict(loaded, strict=False)
     log.info("vision encoder weights from %s (%d tensors; merger %s)", path, len(loaded),
              "loaded" if any(k.startswith("merger.") for k in loaded) else "new")
+    return list(loaded.values())

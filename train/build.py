@@ -1,0 +1,122 @@
+"""A stage's model as training needs it: built in the stage's precision and, under ZeRO-3, partitioned as it is
+built, its weights copied in one tensor at a time.
+
+- Precision: DeepSpeed's bf16 mode trains bf16 parameters and keeps fp32 masters of the trained ones in its
+  optimizer; handed an fp32 model it casts it to bf16 itself. Building in bf16 skips the fp32 copy (twice the
+  memory) that would be thrown away.
+- ZeRO-3: the model is built inside `deepspeed.zero.Init`, which partitions each module's parameters over the ranks
+  as soon as the module exists, so no rank holds the whole model; a weight is gathered whole only while it is
+  filled (rank 0 reads it, DeepSpeed hands each rank its partition) or initialised.
+- Weights: a previous stage's directory, or what the family names (model.init's checkpoint, `path` components), as
+  `train.models.base.Weight`s read one at a time. Safetensors files are read tensor by tensor; a `path` component
+  comes whole from transformers' from_pretrained (its key conversions), on rank 0 only under ZeRO-3. Without
+  ZeRO-3 every rank holds the whole model anyway and reads them itself.
+
+A stage's random init under ZeRO-3 has the same distribution as without it, not the same draws (rank 0 draws per
+module, after the build).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.models.base import ModelFamily, load_weights, safetensors_weights
+from train.recipe import Stage
+
+log = logging.getLogger(__name__)
+
+
+def stage_dtype(stage: Stage) -> torch.dtype:
+    return torch.bfloat16 if stage.precision == "bf16" else torch.float32
+
+
+def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_size: int, previous: Path | None,
+                      load: bool = True) -> nn.Module:
+    """The stage's model: from `previous` (a stage directory) when given, else the recipe's weights (`load`) over
+    the family's random init. Seed torch first: random-init components are the same on every rank."""
+    partitioned = stage.zero_stage == 3
+    if partitioned:
+        # zero.Init records the __init__ of each nn.Module class defined inside it and puts it back on exit: a class
+        # that transformers imports lazily there and then decorates (use_kernelized_func wraps __init__) would lose
+        # the decorator's __init__ for the rest of the process. A build on the meta device imports them first.
+        with torch.device("meta"):
+            family.build(spec, config, load_weights=False)
+    with construction(stage):
+        model = family.build(spec, config, load_weights=False)
+    if partitioned:
+        finish_partitioned(model, initialise=previous is None)
+    if previous is not None:
+        weights, strict = safetensors_weights(previous / "model.safetensors"), True
+    else:
+        weights, strict = (family.weights(spec, config, model) if load else []), spec.init is not None
+    count = load_weights(model, weights, strict=strict, gathered=gathered if partitioned else None)
+    log.info("stage %s: model built in %s%s, %d weight tensors loaded%s", stage.name, stage_dtype(stage),
+             f", partitioned over {world_size} ranks (ZeRO-3)" if partitioned else "", count,
+             f" from {previous}" if previous is not None else "")
+    return model
+
+
+@contextmanager
+def construction(stage: Stage):
+    """Where the stage's model is built: parameters created in the stage's dtype; under ZeRO-3 inside
+    zero.Init. There, transformers' own init is deferred (it would run on the then-empty partitions and mark them
+    done; finish_partitioned runs it afterwards), as transformers' from_pretrained does under ZeRO-3."""
+    dtype, before = stage_dtype(stage), torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with ExitStack() as stack:
+            if stage.zero_stage == 3:
+                import deepspeed
+                from transformers import initialization
+                from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+                stack.enter_context(initialization.no_init_weights())
+                stack.enter_context(prevent_arange_dtype_change())  # RoPE's fp32 buffers stay fp32
+                # no config: ours sets no parameter offload or persistence threshold that zero.Init would read
+                stack.enter_context(deepspeed.zero.Init(dtype=dtype))
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def finish_partitioned(model: nn.Module, initialise: bool) -> None:
+    """What a plain build's post_init does, on a model built under zero.Init: tie the weights transformers ties
+    (the LM head to the embeddings), and with `initialise` its random init: transformers' init of each model inside
+    it, and the reset of any layer outside one (e.g. a LayerNorm of our own), on gathered parameters."""
+    import deepspeed
+    from transformers import PreTrainedModel
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, PreTrainedModel):
+            if initialise:
+                initialize_weights_zero3(module)
+            module.tie_weights()
+            return
+        own = list(module.parameters(recurse=False))
+        if own and initialise:  # a torch layer of the model's own (e.g. a LayerNorm): its reset is its init
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    module.reset_parameters()
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+
+
+@contextmanager
+def gathered(tensor: torch.Tensor):
+    """A ZeRO-3 parameter whole for the time of the block, rank 0 filling it (yields True there) and DeepSpeed
+    partitioning rank 0's values on exit; a tensor ZeRO does not partition (a buffer) is filled by every rank."""
+    if not hasattr(tensor, "ds_id"):
+        yield True
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+        yield torch.distributed.get_rank() == 0
