@@ -179,9 +179,10 @@ def _figures(records: list[dict], warmup: int, stage, peak: int, device, world_s
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": world_size, "precision": stage.precision, "max_length": stage.max_length,
         "micro_batch_size": stage.micro_batch_size, "global_batch_size": stage.global_batch_size,
-        # token positions (pad included) per micro-batch: the loss's full logits are this x vocab_size x 4 bytes
+        # token positions (pad included) per micro-batch, the mean over ranks and steps (records sum all ranks'):
+        # the loss's full logits are this x vocab_size x 4 bytes
         "positions_per_micro_batch": round(sum(r["tokens"] / r["nonpad_fraction"] for r in timed)
-                                           / (len(timed) * accumulation)),
+                                           / (len(timed) * accumulation * world_size)),
     }
 
 
