@@ -90,6 +90,41 @@ def build_tiny_sentencepiece_tokenizer(save_dir: str | Path):
     return tokenizer
 
 
+def build_stand_in_tokenizer(save_dir: str | Path, vocab_size: int, specials: list[str]) -> PreTrainedTokenizerFast:
+    """builtin:tiny-ja with its vocabulary padded to exactly `vocab_size` ids, `specials` (the image token, image
+    start/end) among them: a stand-in for a tokenizer that is not on the machine, for benchmarks, whose embedding
+    and LM head then have the real model's shapes. The filler tokens are never produced; texts encode as tiny-ja's."""
+    import json
+
+    tiny = build_tiny_tokenizer(save_dir)
+    state = json.loads(tiny.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    extra = [token for token in specials if token not in vocab]
+    fillers = vocab_size - len(vocab) - len(extra)
+    if fillers < 0:
+        raise ValueError(f"a stand-in tokenizer needs at least {len(vocab) + len(extra)} tokens, not {vocab_size}")
+    for i in range(fillers):
+        vocab[f"<|stand-in-{i}|>"] = len(vocab)
+    for token in extra:  # special tokens of their own id, as load_tokenizer would add them to the real tokenizer
+        vocab[token] = len(vocab)
+        state["added_tokens"].append({"id": vocab[token], "content": token, "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens=[IMAGE_PLACEHOLDER, *extra], clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def load_or_build_stand_in_tokenizer(cache_dir: str | Path, vocab_size: int, specials: list[str]):
+    """The stand-in saved in `cache_dir` (built there first if missing)."""
+    cache = Path(cache_dir)
+    if not (cache / "tokenizer.json").is_file():
+        return build_stand_in_tokenizer(cache, vocab_size, specials)
+    return PreTrainedTokenizerFast.from_pretrained(str(cache))
+
+
 BUILDERS = {"builtin:tiny-ja": build_tiny_tokenizer, "builtin:tiny-ja-sp": build_tiny_sentencepiece_tokenizer}
 
 

@@ -25,6 +25,10 @@ class RecipeError(UsageError):
         return "\n".join([f"{self.source}: {len(self.problems)} problem(s)", *(f"  {p}" for p in self.problems)])
 
 
+class TokenizerUnavailable(UsageError):
+    """The recipe's tokenizer is neither a builtin, nor a local directory, nor loadable (offline, unknown hub id)."""
+
+
 class UnsafeCheckpoint(UsageError):
     """A checkpoint file that cannot be loaded without running arbitrary code."""
 

@@ -6,6 +6,7 @@ collected before anything runs, and each problem names its field path (and YAML 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -136,6 +137,11 @@ class ModelSpec(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # flash_attention_2: flash-attn, GPU
     # wrap each image's tokens in these two special tokens (added to the tokenizer when missing; never targets)
     image_start_end: tuple[str, str] | None = None
+    # the training loss: chunked (LM head + cross-entropy `loss_chunk_size` tokens at a time, recomputed in backward,
+    # so the [tokens, vocab] logits are never held whole), full (all logits at once: the reference to compare
+    # against), liger (Liger's fused linear cross-entropy: CUDA, liger-kernel installed, no ZeRO-3)
+    loss: Literal["chunked", "full", "liger"] = "chunked"
+    loss_chunk_size: int = Field(1024, gt=0)        # 1024 x a 100k vocabulary: 0.4 GB of fp32 logits
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +178,9 @@ class ModelSpec(Strict):
         if self.image_start_end and (len(set(self.image_start_end)) < 2 or IMAGE_TOKEN in self.image_start_end):
             problems.append(f"image_start_end needs two different tokens, neither {IMAGE_TOKEN}")
         problems += family.validate(self)
+        if self.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            problems.append("loss: liger needs the liger-kernel package, which is not installed here "
+                            "(pip install liger-kernel, or loss: chunked)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -412,6 +421,13 @@ class Recipe(Strict):
             if self.model.init is None:
                 raise ValueError("template: required field is missing (asagi, sarashina, plain or chat)")
             self.template = "chat"  # the checkpoint's own chat template
+        return self
+
+    @model_validator(mode="after")
+    def _liger_without_zero3(self) -> Recipe:
+        zero3 = [stage.name for stage in self.stages if stage.zero_stage == 3]
+        if self.model.loss == "liger" and zero3:  # Liger reads the LM head's weight, which ZeRO-3 partitions
+            raise ValueError(f"model.loss: liger cannot run under ZeRO-3 (stages {', '.join(zero3)}); use chunked")
         return self
 
     @model_validator(mode="after")

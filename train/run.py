@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from train import distributed, preemption
-from train.errors import Preempted
+from train.errors import Preempted, TokenizerUnavailable
 from train.models import family_for, model_config
 from train.models.base import ModelFamily, load_tokenizer
 from train.recipe import Recipe, Stage
@@ -164,12 +164,12 @@ def synthesize_missing_data(recipe: Recipe) -> None:
     synthesize(Path(spec.out), samples=spec.samples, seed=spec.seed, image_size=spec.image_size)
 
 
-def build_processor(recipe: Recipe, cache_dir: Path):
+def build_processor(recipe: Recipe, cache_dir: Path, stand_in: bool = False):
     """The recipe's tokenizer (image token, chat template) + its family's image processor, as one processor that
-    the run saves, so the export ships exactly what trained."""
+    the run saves, so the export ships exactly what trained. `stand_in`: see load_tokenizer (benchmarks)."""
     from data_pipelines.templates import jinja_chat_template
 
-    tokenizer = load_tokenizer(recipe.model, cache_dir)
+    tokenizer = load_tokenizer(recipe.model, cache_dir, stand_in=stand_in)
     if recipe.template != "chat":
         tokenizer.chat_template = jinja_chat_template(recipe.template)
     return family_for(recipe.model).processor(recipe.model, tokenizer, model_config(recipe.model, tokenizer))
@@ -187,7 +187,7 @@ def model_config_offline(recipe: Recipe):
         try:
             return model_config(recipe.model, load_tokenizer(recipe.model, os.environ.get("KAKEHASHI_CACHE", cache),
                                                              offline=True))
-        except OSError:  # a hub tokenizer not on this machine
+        except TokenizerUnavailable:  # a hub tokenizer not on this machine
             pass
     base = llm_config(recipe.model, 0).vocab_size
     added = ["image", *(["image_start", "image_end"] if recipe.model.image_start_end else [])]

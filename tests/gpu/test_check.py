@@ -15,7 +15,7 @@ from tests.gpu import check
 
 # imported only for wandb logging, `data convert hf` and the benchmark scorers (train/benchmarks/metrics.py, imported
 # inside its functions): not on the GPU check's path
-OPTIONAL = {"wandb", "datasets", "rouge_score", "emoji", "fugashi"}
+OPTIONAL = {"wandb", "datasets", "rouge_score", "emoji", "fugashi", "liger_kernel"}
 
 
 def normalized(name: str) -> str:

@@ -1,8 +1,15 @@
+import argparse
 import json
+import subprocess
 
 import pytest
 
-from tests.conftest import TINY_RECIPE, kakehashi
+from tests.conftest import REPO, TINY_RECIPE, kakehashi
+from tests.train.conftest import short_recipe
+from train.errors import TokenizerUnavailable, UsageError
+from train.models import family_for, model_config
+from train.models.base import load_tokenizer
+from train.recipe import load_recipe
 
 
 @pytest.mark.slow
@@ -31,3 +38,84 @@ def test_bench_train_refuses_a_missing_recipe_before_starting_runs(tmp_path):
     done = kakehashi("bench", "train", tmp_path / "missing.yaml")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "cannot read recipe" in done.stderr and "bench run with" not in done.stderr
+
+
+ASAGI_2B = REPO / "recipes" / "asagi-2b.yaml"
+SARASHINA_8B = REPO / "recipes" / "sarashina2-vision-8b.yaml"
+
+
+def test_a_tokenizer_not_on_this_machine_has_a_stand_in_of_the_llms_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = load_recipe(ASAGI_2B, check_data=False)
+    tokenizer = load_tokenizer(recipe.model, tmp_path, stand_in=True)
+    assert tokenizer.kakehashi_stand_in and len(tokenizer) == 99_584  # recipes/configs/llm-jp-3-1.8b.json
+    config = model_config(recipe.model, tokenizer)
+    assert config.text_config.vocab_size == 99_584 and config.image_token_index == tokenizer.convert_tokens_to_ids(
+        "<image>")
+    assert tokenizer.decode(tokenizer("赤い丸<image>", add_special_tokens=False).input_ids) == "赤い丸<image>"
+    sarashina = load_recipe(SARASHINA_8B, check_data=False)  # image start/end tokens among the ids, not added after
+    tokenizer = load_tokenizer(sarashina.model, tmp_path, stand_in=True)
+    assert len(tokenizer) == model_config(sarashina.model, tokenizer).text_config.vocab_size == 102_400
+    with pytest.raises(TokenizerUnavailable, match=r"^model.tokenizer: cannot load llm-jp/llm-jp-3-1.8b-instruct"):
+        load_tokenizer(recipe.model, tmp_path)  # anything but a benchmark needs the real one
+
+
+@pytest.mark.parametrize("recipe_path", [ASAGI_2B, SARASHINA_8B])
+def test_reduce_depth_keeps_the_widths_and_cuts_the_layers(recipe_path):
+    recipe = load_recipe(recipe_path, check_data=False)
+    family = family_for(recipe.model)
+    config = family.config(recipe.model, 1000, {"image": 999})
+    widths = (config.text_config.hidden_size, config.vision_config.hidden_size)
+    family.reduce_depth(config, llm_layers=2, vision_layers=3)
+    assert config.text_config.num_hidden_layers == 2 and getattr(config.vision_config, family.vision_depth_field) == 3
+    assert (config.text_config.hidden_size, config.vision_config.hidden_size) == widths
+    with pytest.raises(UsageError, match="1..2"):
+        family.reduce_depth(config, llm_layers=5)
+
+
+def test_bench_train_passes_depth_to_its_child_runs_and_says_stand_in(monkeypatch, capsys):
+    from train import bench
+
+    argvs = []
+
+    def child(argv, **kwargs):
+        argvs.append(argv)
+        run = {"tokens_per_s": 1.0, "samples_per_s": 1.0, "tokenizer": "stand-in"}
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps(run), stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    args = argparse.Namespace(recipe=str(ASAGI_2B), stage="2", packing="both", steps=1, warmup=0, rounds=1,
+                              synthetic=4, peak_tflops=None, overrides=["stages.1.micro_batch_size=2"],
+                              llm_layers=2, vision_layers=1, json=True)
+    assert bench.cmd_bench_train(args) == 0
+    assert len(argvs) == 2
+    for argv in argvs:
+        assert argv[argv.index("--llm-layers") + 1] == "2" and argv[argv.index("--vision-layers") + 1] == "1"
+        assert "--set=stages.1.micro_batch_size=2" in argv
+    assert json.loads(capsys.readouterr().out)["tokenizer"] == "stand-in"
+
+
+def test_bench_train_help_names_the_depth_options():
+    done = kakehashi("bench", "train", "--help")
+    assert done.returncode == 0 and "--llm-layers" in done.stdout and "--vision-layers" in done.stdout
+
+
+def test_train_with_a_tokenizer_not_on_this_machine_is_one_line(tmp_path):
+    recipe = short_recipe(tmp_path, samples=8)
+    done = kakehashi("train", recipe, "--output", tmp_path / "run", "--set", "model.tokenizer=nobody/not-here",
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("kakehashi: error: model.tokenizer: cannot load "
+                                                           "nobody/not-here (")
+
+
+@pytest.mark.slow
+def test_bench_train_at_reduced_depth_with_a_stand_in_tokenizer():
+    done = kakehashi("bench", "train", TINY_RECIPE, "--stage", "2", "--steps", "1", "--warmup", "0", "--synthetic",
+                     "8", "--packing", "on", "--llm-layers", "1", "--vision-layers", "1", "--json",
+                     "--set", "model.tokenizer=nobody/not-here", "--set", "model.llm.config.vocab_size=700",
+                     env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads(done.stdout)
+    assert (run["tokenizer"], run["vocab_size"], run["llm_layers"], run["vision_layers"]) == ("stand-in", 700, 1, 1)
+    assert "stand-in tokenizer" in done.stderr

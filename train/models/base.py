@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
-from train.errors import RecipeError, UsageError
+from train.errors import RecipeError, TokenizerUnavailable, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class ModelFamily:
     name: str                             # shown in logs and model cards
     projector_kinds: tuple[str, ...]      # projector.kind values this family builds
     export_model_types: tuple[str, ...]   # config.json model_type values of directories `load_export` reads
+    vision_depth_field: str               # the vision config's block count (num_hidden_layers, depth, ...)
 
     # -------------------------------------------------------------------------------------------- recipe, build
 
@@ -43,6 +44,19 @@ class ModelFamily:
         """The architecture record for a vocabulary of `vocab_size`; token_ids: {"image": id, and with
         model.image_start_end "image_start", "image_end"} (train.models.model_config gives them)."""
         raise NotImplementedError
+
+    def reduce_depth(self, config, llm_layers: int | None = None, vision_layers: int | None = None) -> None:
+        """Cut the architecture record in place to `llm_layers` LLM layers and `vision_layers` vision blocks (None:
+        as it is): the real widths at reduced depth, for benchmarks whose figures then scale by layer count."""
+        if llm_layers is not None:
+            set_layer_count(config.text_config, "num_hidden_layers", llm_layers)
+        if vision_layers is not None:
+            set_layer_count(config.vision_config, self.vision_depth_field, vision_layers)
+
+    def depth(self, config) -> dict[str, int]:
+        """{"llm_layers", "vision_layers"} of an architecture record (what `reduce_depth` sets)."""
+        return {"llm_layers": config.text_config.num_hidden_layers,
+                "vision_layers": getattr(config.vision_config, self.vision_depth_field)}
 
     def build(self, spec, config, *, load_weights: bool = True) -> nn.Module:
         """The model; inline-config components start random (seed first), and with `load_weights` what `weights`
@@ -285,6 +299,15 @@ def checked_config(cls: type[PretrainedConfig], values: dict[str, Any], field: s
     return cls(**{k: v for k, v in values.items() if k != "model_type"})
 
 
+def set_layer_count(config: PretrainedConfig, field: str, layers: int) -> None:
+    """config.<field> = layers, and its per-layer list (layer_types, as some LLM configs carry) cut to match."""
+    if not 1 <= layers <= getattr(config, field):
+        raise UsageError(f"{layers} layers: the model has 1..{getattr(config, field)} ({config.model_type})")
+    setattr(config, field, layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+
+
 def llm_config(spec, vocab_size: int) -> PretrainedConfig:
     """The LLM's config, its vocabulary sized for the tokenizer: an inline architecture without `vocab_size` takes
     the tokenizer's; a given one grows to make room for the added image tokens."""
@@ -331,22 +354,127 @@ def image_processor_class(name: str):
 # ---------------------------------------------------------------------------------------------- tokenizer, loss
 
 
-def load_tokenizer(spec, cache_dir: str | Path, offline: bool = False):
-    """The recipe's tokenizer, with the image token (and image start/end tokens) added as special tokens if missing."""
+def load_tokenizer(spec, cache_dir: str | Path, offline: bool = False, stand_in: bool = False):
+    """The recipe's tokenizer, with the image token (and image start/end tokens) added as special tokens if missing.
+
+    A hub tokenizer that cannot be loaded (not on this machine and offline, unknown id) is TokenizerUnavailable,
+    naming it; with `stand_in` (benchmarks: the shapes, not the text, matter) the hub is not asked at all and a
+    tokenizer not on this machine is replaced by `stand_in_tokenizer`, which has the LLM's vocabulary size."""
     if spec.tokenizer.startswith("builtin:"):
         from data_pipelines.tiny_tokenizer import load_or_build_tiny_tokenizer
 
         name = spec.tokenizer.removeprefix("builtin:")
         tokenizer = load_or_build_tiny_tokenizer(Path(cache_dir) / name, spec.tokenizer)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code,
-                                                  local_files_only=offline)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.llm.trust_remote_code,
+                                                      local_files_only=offline or stand_in)
+        except (OSError, ValueError) as err:
+            if not stand_in:
+                raise TokenizerUnavailable(f"model.tokenizer: cannot load {spec.tokenizer} "
+                                           f"({str(err).strip().splitlines()[0]})") from None
+            tokenizer = stand_in_tokenizer(spec, cache_dir)
     missing = [t for t in (IMAGE_TOKEN, *(spec.image_start_end or ())) if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # right padding is masked out of the loss anyway
     return tokenizer
+
+
+def stand_in_tokenizer(spec, cache_dir: str | Path):
+    """builtin:tiny-ja padded to the LLM config's vocabulary size (with the image tokens kakehashi adds), so a
+    model built for it has the real embedding and LM head shapes. `tokenizer.kakehashi_stand_in` is True."""
+    from data_pipelines.tiny_tokenizer import load_or_build_stand_in_tokenizer
+
+    try:
+        vocab_size = llm_config(spec, 0).vocab_size  # the config's own size (0: it gives none)
+    except OSError as err:  # a hub config, offline
+        raise TokenizerUnavailable(f"model.tokenizer: {spec.tokenizer} is not on this machine, nor model.llm's "
+                                   f"config for a stand-in ({str(err).strip().splitlines()[0]})") from None
+    if not vocab_size:
+        raise TokenizerUnavailable(f"model.tokenizer: {spec.tokenizer} is not on this machine, and model.llm's "
+                                   f"config gives no vocab_size for a stand-in of its size")
+    specials = [IMAGE_TOKEN, *(spec.image_start_end or ())]
+    tokenizer = load_or_build_stand_in_tokenizer(Path(cache_dir) / f"stand-in-{vocab_size}", vocab_size, specials)
+    tokenizer.kakehashi_stand_in = True
+    log.warning("model.tokenizer %s is not on this machine: a stand-in tokenizer of %d tokens (the LLM's "
+                "vocabulary) takes its place; the shapes are real, the text's tokens are not", spec.tokenizer,
+                len(tokenizer))
+    return tokenizer
+
+
+DEFAULT_LOSS = ("chunked", 1024)  # ModelSpec's defaults (train/recipe.py), for models built without a recipe
+
+
+def is_stand_in(tokenizer) -> bool:
+    """Whether `load_tokenizer` gave a stand-in for the recipe's tokenizer."""
+    return getattr(tokenizer, "kakehashi_stand_in", False)
+
+
+def set_loss(model: nn.Module, spec) -> None:
+    """Record the recipe's loss (model.loss, model.loss_chunk_size) on a built model; its training forward reads it.
+    A plain attribute, not a parameter or buffer: it is no part of the weights, the config or the export."""
+    model.kakehashi_loss = (spec.loss, spec.loss_chunk_size)
+
+
+def loss_of(model: nn.Module) -> tuple[str, int]:
+    """The loss `set_loss` recorded, or the default (a model loaded from a stage or an export)."""
+    return getattr(model, "kakehashi_loss", DEFAULT_LOSS)
+
+
+def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                loss: tuple[str, int] = DEFAULT_LOSS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss in fp32, target count) of the LLM's last hidden states [B, T, D] through `lm_head`
+    against labels [B, T]: token_loss_sum's contract, without (`chunked`, `liger`) or with (`full`) the whole
+    [B, T, V] logits in memory. `loss`: (kind, tokens per chunk)."""
+    kind, chunk_size = loss
+    if kind == "full":
+        return token_loss_sum(lm_head(hidden), labels)
+    targets = labels[:, 1:].flatten()
+    hidden = hidden[:, :-1].flatten(0, 1)  # [N, D]: position t predicts the token at t + 1
+    if kind == "liger":
+        if not hidden.is_cuda:
+            raise RecipeError("recipe", [f"model.loss: liger runs on CUDA only, not on {hidden.device.type}"])
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        # reads the head's weight directly: the recipe refuses liger with ZeRO-3, where it is partitioned
+        fused = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+        return fused(lm_head.weight, hidden, targets, getattr(lm_head, "bias", None)).float(), (targets != -100).sum()
+    return chunked_loss_sum(hidden, lm_head, targets, chunk_size), (targets != -100).sum()
+
+
+def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed fp32 cross-entropy of hidden [N, D] -> targets [N], `chunk_size` tokens at a time: each chunk's logits
+    live only inside its checkpoint (recomputed in backward), so at most one chunk's [chunk, V] is held.
+
+    The head is called as a module, so ZeRO-3 gathers its (partitioned) weight for each call; every rank then must
+    call it equally often, so under a partitioned head the chunk count is the largest of all ranks' (a rank with
+    fewer tokens pads with chunks of one ignored token)."""
+    from torch.utils.checkpoint import checkpoint
+
+    count = -(-hidden.shape[0] // chunk_size)
+    chunks = [(hidden[i:i + chunk_size], targets[i:i + chunk_size]) for i in range(0, hidden.shape[0], chunk_size)]
+    padding = (hidden[:1], torch.full_like(targets[:1], -100))  # a chunk of one ignored token: loss 0, gradient 0
+    chunks += [padding] * (_chunks_on_every_rank(count, lm_head) - count)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for chunk, chunk_targets in chunks:
+        total = total + checkpoint(_chunk_loss, lm_head, chunk, chunk_targets, use_reentrant=False)
+    return total
+
+
+def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(lm_head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def _chunks_on_every_rank(count: int, lm_head: nn.Module) -> int:
+    """The most chunks any rank has, when the head is ZeRO-3 partitioned over several ranks; else `count`."""
+    partitioned = any(hasattr(p, "ds_id") for p in lm_head.parameters())
+    if not (partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return count
+    most = torch.tensor([count], device=lm_head.weight.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

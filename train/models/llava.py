@@ -35,10 +35,12 @@ from train.models.base import (
     image_processor_class,
     inline_config,
     llm_config,
+    lm_loss_sum,
     load_llm,
+    loss_of,
     own_fields,
     set_attn_implementation,
-    token_loss_sum,
+    set_loss,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     projector_kinds = ("mlp2x_gelu",)
     export_model_types = ("llava",)
+    vision_depth_field = "num_hidden_layers"  # SigLIP / CLIP blocks
 
     def validate(self, spec) -> list[str]:
         problems = []
@@ -111,6 +114,7 @@ class LlavaFamily(ModelFamily):
     def build(self, spec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
         model = LlavaForConditionalGeneration(config)
         set_attn_implementation(model, spec)
+        set_loss(model, spec)
         if load_weights:
             base.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
         return model
@@ -290,7 +294,7 @@ def export_generation_config(tokenizer):
 
 
 class LlavaForTraining(nn.Module):
-    """LLaVA forward that returns the *summed* token loss and the target count (see base.token_loss_sum).
+    """LLaVA forward that returns the *summed* token loss and the target count (see base.lm_loss_sum).
 
     The vision tower runs on every call, on a dummy image whose contribution is zeroed when a micro-batch has no
     image: under ZeRO-3 each module's parameters are all-gathered collectively, so a rank that skipped the tower
@@ -305,9 +309,14 @@ class LlavaForTraining(nn.Module):
         # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None;
         # position_ids: [B, T] for packed rows (restarting per sample), else None
         assert image_grid_thw is None, "a LLaVA vision tower takes fixed-size images, not dynamic-resolution patches"
-        return token_loss_sum(self.logits(input_ids, attention_mask, pixel_values, position_ids), labels)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)  # [B, T, D]
+        return lm_loss_sum(hidden, self.llava.lm_head, labels, loss_of(self.llava))
 
     def logits(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
+        return self.llava.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, position_ids))
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
+        """The LLM's last hidden states [B, T, D] (before the LM head, which the loss applies chunk by chunk)."""
         config = self.llava.config
         embeds = self.llava.get_input_embeddings()(input_ids)  # [B, T, D]
         dummy = pixel_values is None
@@ -332,5 +341,5 @@ class LlavaForTraining(nn.Module):
             # packed rows: with no attention mask, transformers derives a block-diagonal causal mask (sdpa, eager)
             # or flash-attention varlen boundaries from where the position ids restart; no attention across samples
             attention_mask = None
-        return self.llava(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).logits
+        return self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                               position_ids=position_ids, use_cache=False).last_hidden_state

@@ -36,10 +36,12 @@ from train.models.base import (
     image_processor_class,
     inline_config,
     llm_config,
+    lm_loss_sum,
     load_llm,
+    loss_of,
     own_fields,
     set_attn_implementation,
-    token_loss_sum,
+    set_loss,
     token_of,
 )
 
@@ -138,17 +140,22 @@ class Qwen2VLVisionLM(nn.Module):
             raise ValueError(f"{int(image_mask.sum())} image tokens in the text, {features.shape[0]} image features")
         return embeds.masked_scatter(image_mask.expand_as(embeds), features)
 
-    def logits(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, position_ids=None):
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, position_ids=None):
+        """The LLM's last hidden states [B, T, D] (before the LM head, which the loss applies chunk by chunk)."""
         embeds = self.embeddings(input_ids, pixel_values, image_grid_thw)
         if position_ids is not None:  # a packed row: transformers builds the block-diagonal mask from position ids
             attention_mask = None     # (only with no mask and no KV cache, hence use_cache=False)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False).logits
+        return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+
+    def logits(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, position_ids=None):
+        return self.llm.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                   position_ids))
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
         """(summed token loss, target count): the engine normalises over every target token of an optimizer step."""
-        logits = self.logits(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)  # [B, T, V]
-        return token_loss_sum(logits, labels)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)
+        return lm_loss_sum(hidden, self.llm.lm_head, labels, loss_of(self))
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
@@ -249,6 +256,7 @@ class Qwen2VLFamily(ModelFamily):
     name = "qwen2_vl_encoder"
     projector_kinds = ("qwen2_vl_merger",)
     export_model_types = (MODEL_TYPE,)
+    vision_depth_field = "depth"  # Qwen2-VL ViT blocks
 
     def validate(self, spec) -> list[str]:
         encoder = spec.vision_encoder
@@ -267,6 +275,7 @@ class Qwen2VLFamily(ModelFamily):
         model = Qwen2VLVisionLM(config)
         set_attn_implementation(model.visual, spec)
         set_attn_implementation(model.llm, spec)
+        set_loss(model, spec)
         if load_weights:
             base.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
         return model
