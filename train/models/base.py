@@ -74,6 +74,10 @@ class ModelFamily:
         `.layers`."""
         raise NotImplementedError
 
+    def memory_shapes(self, config, spec):
+        """The sizes train/memory.py estimates a stage's memory from (a train.memory.Shapes)."""
+        raise NotImplementedError
+
     def vision_length(self, config) -> int | None:
         """Tokens per image inside the vision encoder when fixed; None when read from image_grid_thw per batch."""
         raise NotImplementedError
