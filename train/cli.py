@@ -87,14 +87,13 @@ def stage_memory(family, config, recipe, stage, plan, gpus: int, gpu_memory: int
 
     params = {c: row["trainable"] + row["frozen"] for c, row in plan.table.items()}
     trainable = {c: row["trainable"] for c, row in plan.table.items()}
-    shapes = family.memory_shapes(config, recipe.model)
+    shapes = memory.Shapes(**family.memory_shapes(config, recipe.model))
     return memory.estimate(shapes, params, trainable, stage, gpus=gpus, gpu_memory=gpu_memory).as_dict()
 
 
 def cmd_recipe_check(args) -> int:
-    from train.stages import format_freeze_table
-
     from train.memory import format_plan, parse_size
+    from train.stages import format_freeze_table
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=not args.skip_data)
     if args.gpus is not None and args.gpus < 1:

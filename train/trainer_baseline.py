@@ -4,8 +4,9 @@ LLaMA-Factory and ms-swift build on.
 Same model (the family's training module, its stage plan applied), same micro-batches (the stage's own loader,
 normalised as the engine normalises them), same optimizer (the stage's AdamW parameter groups and warmup-cosine
 schedule), same gradient accumulation, clipping and precision; Trainer's own loop does the rest (its loss is the
-micro-batch's mean token loss, as in those frameworks). Timed as our runs are: the steps after `warmup`, from
-Trainer's step callbacks; real tokens are the attention masks' sums of the micro-batches those steps consumed.
+micro-batch's mean token loss, as in those frameworks). Timed as bench times our runs: from the end of the last
+untimed step to the end of the last step (Trainer's step callbacks), data loading included; real tokens are the
+attention masks' sums of the micro-batches those steps consumed.
 """
 
 from __future__ import annotations
@@ -34,23 +35,25 @@ class _MeanLoss(nn.Module):
 
 class _Batches(IterableDataset):
     """The loader's micro-batches as Trainer's dataset (one item = one collated micro-batch), counting what each
-    holds."""
+    holds: (real tokens, samples, padded positions)."""
 
     def __init__(self, loader, device):
-        self.loader, self.device, self.consumed = loader, device, []  # (real tokens, samples) per micro-batch
+        self.loader, self.device, self.consumed = loader, device, []
         self.mean, self.std = getattr(loader, "image_mean", None), getattr(loader, "image_std", None)
 
     def __iter__(self):
         for batch in self.loader:
-            self.consumed.append((int(batch["attention_mask"].sum()), batch.get("num_samples", len(batch["input_ids"]))))
+            mask = batch["attention_mask"]
+            self.consumed.append((int(mask.sum()), batch.get("num_samples", mask.shape[0]), mask.numel()))
             yield model_inputs(batch, self.device, self.mean, self.std)
 
 
-class _StepClock(TrainerCallback):
-    """When each optimizer step ends (and when training began)."""
+class StepClock(TrainerCallback):
+    """When each optimizer step ends (the first entry: when training began), and, once trained, what each step
+    held: the same fields as bench's clock of our steps."""
 
     def __init__(self):
-        self.ends = []
+        self.ends, self.records = [], []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.ends = [time.perf_counter()]
@@ -59,25 +62,30 @@ class _StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def measure_trainer(family, model, stage, loader, *, warmup: int, steps: int, work) -> dict:
-    """Train `warmup + steps` optimizer steps with Trainer; tokens/s and samples/s over the last `steps`."""
-    from train.engine import deepspeed_config
+def measure_trainer(family, model, stage, loader, *, steps: int, work) -> StepClock:
+    """Train `steps` optimizer steps with Trainer on this process's device; the clock of its steps."""
+    from train.engine import deepspeed_config, enable_fast_paths
     from train.stages import build_optimizer, plan_stage
 
     plan_stage(family, model, stage)
+    enable_fast_paths(family, model, stage)  # the stage's activation checkpointing and compile, as ours
     accumulation = deepspeed_config(stage, 1)["gradient_accumulation_steps"]
     optimizer, scheduler = build_optimizer(family, model, stage)
     cuda = torch.cuda.is_available()
-    arguments = TrainingArguments(
+    arguments = TrainingArguments(  # bf16: Trainer's autocast over fp32 weights, as the frameworks on it train
         output_dir=str(work / "trainer"), per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,
-        max_steps=warmup + steps, max_grad_norm=stage.max_grad_norm, bf16=stage.precision == "bf16", use_cpu=not cuda,
+        max_steps=steps, max_grad_norm=stage.max_grad_norm, bf16=stage.precision == "bf16", use_cpu=not cuda,
         logging_strategy="no", save_strategy="no", report_to=[], dataloader_num_workers=0,
-        dataloader_pin_memory=False, remove_unused_columns=False, disable_tqdm=True, seed=0)
-    batches, clock = _Batches(loader, torch.device("cuda" if cuda else "cpu")), _StepClock()
+        dataloader_pin_memory=False, remove_unused_columns=False, disable_tqdm=True, seed=0,
+        # an iterable dataset would be dispatched (and sliced to the batch size, cutting a packed row's images):
+        # each process iterates its own, as the frameworks' map-style datasets do
+        accelerator_config={"dispatch_batches": False})
+    batches, clock = _Batches(loader, torch.device("cuda" if cuda else "cpu")), StepClock()
     trainer = Trainer(model=_MeanLoss(family.training_module(model)), args=arguments, train_dataset=batches,
                       optimizers=(optimizer, scheduler), data_collator=lambda items: items[0], callbacks=[clock])
     trainer.train()
-    timed = batches.consumed[warmup * accumulation:(warmup + steps) * accumulation]
-    seconds = clock.ends[warmup + steps] - clock.ends[warmup]
-    return {"tokens_per_s": sum(t for t, _ in timed) / seconds, "samples_per_s": sum(s for _, s in timed) / seconds,
-            "steps": steps, "seconds": seconds, "trainer": "transformers.Trainer"}
+    for index in range(steps):
+        held = batches.consumed[index * accumulation:(index + 1) * accumulation]
+        clock.records.append({"tokens": sum(t for t, _, _ in held), "samples": sum(s for _, s, _ in held),
+                              "positions": sum(p for _, _, p in held), "flops": None})
+    return clock

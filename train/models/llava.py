@@ -163,10 +163,8 @@ class LlavaFamily(ModelFamily):
         return {"vision_encoder": model.model.vision_tower, "llm": model.model.language_model}
 
     def memory_shapes(self, config: LlavaConfig, spec):
-        from train.memory import Shapes
-
         text, vision = config.text_config, config.vision_config
-        return Shapes(llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
+        return dict(llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
                       llm_intermediate=text.intermediate_size, vocab=text.vocab_size,
                       vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
                       vision_intermediate=vision.intermediate_size, vision_tokens_per_image=self.vision_length(config),
