@@ -9,7 +9,9 @@ fp32; P parameters of which T train):
               fp32 updates the weights themselves), split over N from ZeRO-1 on;
 - buffers     DeepSpeed's gradient-reduction bucket, allocated whole whatever the model's size (reduce_bucket_size,
               5e8 values, in the compute dtype; ZeRO-1/2/3); ZeRO-3 also gathers the parameters in use: its prefetch
-              bucket and one LLM layer;
+              bucket and one LLM layer. The reduction bucket comes with the backward pass's first trained gradient:
+              alongside all activations when the LLM trains (or under ZeRO-3), after the LLM's backward otherwise
+              (the peak is then the larger of the two);
 - activations what autograd saves for the backward pass, per micro-batch of micro_batch_size x max_length tokens (the
               worst case: packed rows are full): for each LLM layer about (ACT_HIDDEN * hidden + ACT_MLP *
               intermediate) values per token (sdpa / flash attention: no sequence-squared term), FROZEN_SHARE of
@@ -80,6 +82,7 @@ class StageMemory:
     activations: int
     logits: int
     activations_checkpointed: int  # what activations would be with checkpointing on every component
+    buffers_alongside: bool        # the buffers add to the activations (else the peak is the larger of the two)
     total: int
     fits: bool | None              # None without a GPU size
 
@@ -110,9 +113,14 @@ def estimate(shapes: Shapes, params: dict[str, int], trainable: dict[str, int], 
     tokens = stage.micro_batch_size * stage.max_length
     activations, checkpointed = _activations(shapes, trainable, stage, tokens, b)
     logits = min(tokens, loss_chunk or tokens) * shapes.vocab * logit_bytes(b)
-    total = weights + gradients + optimizer + buffers + activations + logits
+    # the reduction bucket is allocated when the backward pass makes its first trained gradient: at its start when
+    # the LLM trains (every activation still held), after the LLM's backward when only what feeds it trains
+    alongside = bool(trainable.get("llm")) or zero == 3
+    states = weights + gradients + optimizer
+    total = states + (buffers + activations + logits if alongside else max(buffers, activations + logits))
     fits = None if gpu_memory is None else total <= gpu_memory * (1 - RESERVED)
-    return StageMemory(weights, gradients, optimizer, buffers, activations, logits, checkpointed, total, fits)
+    return StageMemory(weights, gradients, optimizer, buffers, activations, logits, checkpointed, alongside, total,
+                       fits)
 
 
 def _activations(shapes: Shapes, trainable: dict[str, int], stage, tokens: int, b: int) -> tuple[int, int]:
@@ -140,15 +148,16 @@ def compare(run: dict, memory: dict, tolerance: float = 0.2) -> dict:
     """A stage's estimate (StageMemory.as_dict(), for the run's world size) against a `bench train --json` run's
     measured peak: the allocator's peak on a GPU, the peak of live tensors on CPU (`--tensor-memory`; the process's
     RSS there also holds the runtime, and leaves the untouched reduction bucket out). Compared whole and without the
-    buffers (exact allocations, which on a small model would hide the rest)."""
+    buffers when they add to the rest (exact allocations, which on a small model would hide the rest)."""
     if "peak_tensor_bytes" in run:
         measured = run["peak_tensor_bytes"]
     elif run.get("peak_mem_kind") == "cuda_allocated":
         measured = run["peak_mem_bytes"]
     else:
         raise ValueError("a CPU run measures tensor memory only with bench train --tensor-memory")
-    rows = {"total": (measured, memory["total"]),
-            "without_buffers": (measured - memory["buffers"], memory["total"] - memory["buffers"])}
+    rows = {"total": (measured, memory["total"])}
+    if memory["buffers_alongside"]:
+        rows["without_buffers"] = (measured - memory["buffers"], memory["total"] - memory["buffers"])
     return {name: {"measured": m, "estimated": e, "ratio": round(e / m, 3), "within": abs(e / m - 1) <= tolerance}
             for name, (m, e) in rows.items()}
 
@@ -162,7 +171,8 @@ def format_plan(memory: dict, gpu_memory: int | None) -> str:
     return "\n".join([
         f"  memory per GPU: {gib(memory['total'])}{room}{verdict}",
         f"    states {gib(states)}: weights {gib(memory['weights'])}, gradients {gib(memory['gradients'])}, "
-        f"optimizer {gib(memory['optimizer'])}, buffers {gib(memory['buffers'])}",
+        f"optimizer {gib(memory['optimizer'])}, buffers {gib(memory['buffers'])}"
+        + ("" if memory["buffers_alongside"] else " (freed activations make room for them)"),
         f"    activations {gib(memory['activations'])} (all checkpointed: {gib(memory['activations_checkpointed'])}),"
         f" logits {gib(memory['logits'])}"])
 
