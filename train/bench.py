@@ -3,7 +3,10 @@
 By default the stage is measured twice, packed and unpacked, each in a fresh process (so peak memory is its own),
 and the report gives both and their ratio: the baseline is always measured in the same run. Weights are random
 (`load_weights=False`), so real-shape recipes run without downloading anything and the figures are those of the
-architecture. The first `--warmup` steps are not timed.
+architecture. The first `--warmup` steps are not timed; the others are timed end to end (data loading and hooks
+included). `--baseline trainer` adds the same stage trained by transformers' Trainer (train/trainer_baseline.py) to
+every round, and the ratios ours / Trainer; `--tensor-memory` adds the peak of live tensors on CPU (train/memory.py),
+what the memory estimate is checked against.
 """
 
 from __future__ import annotations
