@@ -43,6 +43,7 @@ def test_bench_train_baseline_trainer_reports_ours_over_the_trainer_per_round_an
     assert unpacked["tokens_per_s_ratio"] == round(report["unpacked"]["tokens_per_s"]
                                                    / baseline["unpacked"]["tokens_per_s"], 2)
     assert len(unpacked["round_ratios"]) == len(unpacked["round_samples_ratios"]) == 1
+    assert unpacked["median_round_ratio"] == unpacked["round_ratios"][0]
     assert ratios["packed_vs_trainer_unpacked"]["round_ratios"] == [
         round(report["packed"]["tokens_per_s"] / baseline["unpacked"]["tokens_per_s"], 2)]
 
