@@ -83,6 +83,7 @@ def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None
 
 
 def stage_memory(family, config, recipe, stage, plan, gpus: int, gpu_memory: int | None) -> dict:
+    """One stage's memory per GPU (train/memory.py), its parameters counted as the stage plan counts them."""
     from train import memory
 
     params = {c: row["trainable"] + row["frozen"] for c, row in plan.table.items()}

@@ -53,9 +53,10 @@ UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def parse_size(text: str) -> int:
     """'80GB', '80 GiB', '81920MB' -> bytes; ValueError naming the text otherwise."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B)\s*", text.upper())
-    if not match:
+    size = int(float(match.group(1)) * UNITS[match.group(2)]) if match else 0
+    if size < 1:  # a GPU of no memory fits nothing: a typo, not a question
         raise ValueError(f"{text!r} is not a size such as 80GB or 80GiB")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
+    return size
 
 
 @dataclass

@@ -78,7 +78,7 @@ def test_fits_keeps_a_tenth_free():
 
 def test_parse_size():
     assert parse_size("80GB") == 80 * 10**9 and parse_size("80 GiB") == 80 * 2**30 and parse_size("1.5tb") == 1.5e12
-    for bad in ("banana", "80", "-1GB", "GB"):
+    for bad in ("banana", "80", "-1GB", "GB", "0GB"):
         with pytest.raises(ValueError, match="is not a size"):
             parse_size(bad)
 
