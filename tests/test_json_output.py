@@ -57,6 +57,17 @@ def command_lines(trained) -> dict[str, list]:
     }
 
 
+def variant_lines(trained) -> dict[str, list]:
+    """Options that change a --json command's document: the same one-document rule."""
+    return {
+        "recipe check --gpus": ["recipe", "check", REPO / "recipes/asagi-2b.yaml", "--skip-data", "--gpus", "8",
+                                "--gpu-memory", "80GB"],
+        "bench train --baseline trainer": ["bench", "train", REPO / "recipes/tiny/asagi-2stage.yaml", "--stage", "2",
+                                           "--packing", "off", "--baseline", "trainer", "--steps", "1", "--warmup",
+                                           "0", "--synthetic", "40"],
+    }
+
+
 def test_every_json_command_is_tested(trained):
     assert json_commands() == set(command_lines(trained)) | {"train"}
 
@@ -68,15 +79,20 @@ def test_train_json_is_the_run_result(trained):
 
 
 @pytest.mark.parametrize("command", ["recipe check", "bench train", "bench data", "data verify", "data inspect",
-                                     "data preview", "data synth-bench", "eval", "shapes-eval"])
+                                     "data preview", "data synth-bench", "eval", "shapes-eval", "recipe check --gpus",
+                                     "bench train --baseline trainer"])
 def test_json_output_is_one_document_on_stdout(trained, command, tmp_path):
     env = {}
     if command == "bench train":  # a fresh extensions dir: DeepSpeed JIT-builds its CPU op, and the compiler talks
         env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch-extensions")}
-    done = kakehashi(*command_lines(trained)[command], "--json", env=env)
+    done = kakehashi(*{**command_lines(trained), **variant_lines(trained)}[command], "--json", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(done.stdout)  # the whole of stdout
     assert isinstance(document, dict) and document
     if command == "bench train":
         assert os.listdir(tmp_path / "torch-extensions")  # the op was built in this run, its noise kept off stdout
         assert document["packing"] is True and "INFO" in done.stderr
+    if command == "recipe check --gpus":
+        assert all("memory" in stage for stage in document["stages"]) and document["gpus"] == 8
+    if command == "bench train --baseline trainer":
+        assert document["baseline"]["unpacked"]["runner"] == "trainer" and document["runner"] == "ours"

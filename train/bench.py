@@ -3,7 +3,10 @@
 By default the stage is measured twice, packed and unpacked, each in a fresh process (so peak memory is its own),
 and the report gives both and their ratio: the baseline is always measured in the same run. Weights are random
 (`load_weights=False`), so real-shape recipes run without downloading anything and the figures are those of the
-architecture. The first `--warmup` steps are not timed.
+architecture. The first `--warmup` steps are not timed; the others are timed end to end (data loading and hooks
+included). `--baseline trainer` adds the same stage trained by transformers' Trainer (train/trainer_baseline.py) to
+every round, and the ratios ours / Trainer; `--tensor-memory` adds the peak of live tensors on CPU (train/memory.py),
+what the memory estimate is checked against.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipelines.output import result, result_json
@@ -40,6 +46,14 @@ def register(bench_subparsers) -> None:
     parser.add_argument("--llm-layers", type=int, metavar="N",
                         help="the LLM cut to its first N layers: real width, reduced depth (figures scale by layers)")
     parser.add_argument("--vision-layers", type=int, metavar="N", help="the vision encoder cut to N blocks")
+    parser.add_argument("--baseline", choices=("trainer",),
+                        help="also train the stage with transformers' Trainer (train/trainer_baseline.py), alternating "
+                             "rounds with ours, and report ours / Trainer")
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="CPU: also measure the peak of live tensor bytes (train/memory.py TensorPeak; it slows "
+                             "every op, so the run's speed figures are not comparable)")
+    # internal: which trainer a child process runs (the parent alternates them)
+    parser.add_argument("--runner", choices=("ours", "trainer"), default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=cmd_bench_train)
@@ -54,47 +68,101 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         from train.flops import PEAK_TFLOPS_ENV
 
         os.environ[PEAK_TFLOPS_ENV] = str(args.peak_tflops)
-    if args.packing != "both":
-        report = measure(args)
-    else:
-        # alternate the two, so a neighbour's load on the machine hits both alike; report each one's median run
-        rounds = [{mode: _child(args, mode) for mode in ("off", "on")} for _ in range(args.rounds)]
-        runs = {mode: _median_run([r[mode] for r in rounds]) for mode in ("off", "on")}
-        report = {"packed": runs["on"], "unpacked": runs["off"], "tokenizer": runs["on"]["tokenizer"],
-                  "tokens_per_s_ratio": round(runs["on"]["tokens_per_s"] / runs["off"]["tokens_per_s"], 2),
-                  "samples_per_s_ratio": round(runs["on"]["samples_per_s"] / runs["off"]["samples_per_s"], 2),
-                  "round_ratios": [round(r["on"]["tokens_per_s"] / r["off"]["tokens_per_s"], 2) for r in rounds]}
+    report = measure(args) if len(_runs(args)) == 1 else alternate(args)
     if report["tokenizer"] == "stand-in":  # the child processes said so on their (captured) stderr
         log.warning("measured with a stand-in tokenizer of the LLM's vocabulary size: the recipe's %s is not on "
                     "this machine", load_recipe(args.recipe, args.overrides, check_data=False).model.tokenizer)
     if args.json:
         result_json(report)
     else:
-        for name, run in ([("packed", report["packed"]), ("unpacked", report["unpacked"])]
-                          if "packed" in report else [(f"packing {args.packing}", report)]):
-            mfu = "n/a (unknown peak; --peak-tflops)" if run["mfu"] is None else f"{run['mfu']:.1%}"
-            result(f"{name}: {run['tokens_per_s']:,.0f} real tokens/s, {run['samples_per_s']:,.1f} samples/s, "
-                   f"non-pad {run['nonpad_fraction']:.3f}, MFU {mfu}, "
-                   f"peak memory {run['peak_mem_bytes'] / 2**30:.2f} GiB")
-        if "tokens_per_s_ratio" in report:
-            result(f"packed / unpacked: {report['tokens_per_s_ratio']}x real tokens/s")
+        print_report(report, args.packing)
     return 0
 
 
-def _median_run(runs: list[dict]) -> dict:
-    return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
+def _runs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(runner, packing) of each run of one round, in the order they alternate."""
+    modes = ("off", "on") if args.packing == "both" else (args.packing,)
+    runners = ("ours", "trainer") if args.baseline else (args.runner,)
+    return [(runner, mode) for mode in modes for runner in runners]
 
 
-def _child(args: argparse.Namespace, mode: str) -> dict:
-    """One packing mode in a fresh process: its own peak memory, no state left over from the other run."""
+def alternate(args: argparse.Namespace) -> dict:
+    """Each run of a round in a fresh process, rounds one after another, so a neighbour's load on the machine hits
+    every run alike; each run's median round is reported, and the ratios per round and of the medians."""
+    rounds = [{key: _child(args, *key) for key in _runs(args)} for _ in range(args.rounds)]
+    median = {key: _median_run([r[key] for r in rounds]) for key in rounds[0]}
+    report = {}
+    if args.packing == "both":  # the tokenizer is the same in every run: the recipe's, or the stand-in
+        report["tokenizer"] = median["ours", "on"]["tokenizer"]
+        report.update(packed=median["ours", "on"], unpacked=median["ours", "off"],
+                      **_ratios(rounds, ("ours", "on"), ("ours", "off")))
+    else:
+        report.update(median["ours", args.packing])
+    if args.baseline:
+        trainer = {MODES[mode]: median[runner, mode] for runner, mode in median if runner == "trainer"}
+        ratios = {MODES[mode]: _ratios(rounds, ("ours", mode), ("trainer", mode)) for mode in MODES
+                  if ("trainer", mode) in median}
+        if args.packing == "both":  # what packing buys over a Trainer that does not pack
+            ratios["packed_vs_trainer_unpacked"] = _ratios(rounds, ("ours", "on"), ("trainer", "off"))
+        report["baseline"] = {"name": "transformers.Trainer", "rounds": args.rounds, **trainer,
+                              "ours_over_baseline": ratios}
+    return report
+
+
+MODES = {"off": "unpacked", "on": "packed"}
+
+
+def _ratios(rounds: list[dict], top: tuple[str, str], bottom: tuple[str, str]) -> dict:
+    """top / bottom: of the median runs (as the report gives them), and per round."""
+    def ratio(runs: list[dict], key: str) -> float:
+        return round(_median_run(runs[0])[key] / _median_run(runs[1])[key], 2)
+
+    tops, bottoms = [r[top] for r in rounds], [r[bottom] for r in rounds]
+    return {"tokens_per_s_ratio": ratio([tops, bottoms], "tokens_per_s"),
+            "samples_per_s_ratio": round(_median_run(tops, "samples_per_s")["samples_per_s"]
+                                         / _median_run(bottoms, "samples_per_s")["samples_per_s"], 2),
+            "round_ratios": (per_round := [round(r[top]["tokens_per_s"] / r[bottom]["tokens_per_s"], 2)
+                                           for r in rounds]),
+            # the median of the rounds' ratios: each round's two runs shared the machine's load of their minutes
+            "median_round_ratio": sorted(per_round)[len(per_round) // 2],
+            "round_samples_ratios": [round(r[top]["samples_per_s"] / r[bottom]["samples_per_s"], 2) for r in rounds]}
+
+
+def print_report(report: dict, packing: str) -> None:
+    named = ([("packed", report["packed"]), ("unpacked", report["unpacked"])] if "packed" in report
+             else [(f"packing {packing}", report)])
+    named += [(f"Trainer {mode}", report["baseline"][mode]) for mode in MODES.values()
+              if mode in report.get("baseline", {})]
+    for name, run in named:
+        mfu = "n/a (unknown peak; --peak-tflops)" if run["mfu"] is None else f"{run['mfu']:.1%}"
+        result(f"{name}: {run['tokens_per_s']:,.0f} real tokens/s, {run['samples_per_s']:,.1f} samples/s, "
+               f"non-pad {run['nonpad_fraction']:.3f}, MFU {mfu}, "
+               f"peak memory {run['peak_mem_bytes'] / 2**30:.2f} GiB"
+               + (f", tensors {run['peak_tensor_bytes'] / 2**30:.3f} GiB" if "peak_tensor_bytes" in run else ""))
+    if "tokens_per_s_ratio" in report:
+        result(f"packed / unpacked: {report['tokens_per_s_ratio']}x real tokens/s")
+    for name, ratio in report.get("baseline", {}).get("ours_over_baseline", {}).items():
+        result(f"ours / Trainer ({name.replace('_', ' ')}): {ratio['tokens_per_s_ratio']}x real tokens/s, "
+               f"{ratio['samples_per_s_ratio']}x samples/s (medians); per round {ratio['round_ratios']}, their "
+               f"median {ratio['median_round_ratio']}x")
+
+
+def _median_run(runs: list[dict], key: str = "tokens_per_s") -> dict:
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
+
+
+def _child(args: argparse.Namespace, runner: str, mode: str) -> dict:
+    """One run in a fresh process: its own peak memory, no state left over from the other runs."""
     argv = [sys.executable, "-m", "train.cli", "bench", "train", args.recipe, "--stage", args.stage,
-            "--packing", mode, "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", "1",
-            "--synthetic", str(args.synthetic), "--json", *[f"--set={o}" for o in args.overrides],
+            "--packing", mode, "--runner", runner, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--rounds", "1", "--synthetic", str(args.synthetic), "--json", *[f"--set={o}" for o in args.overrides],
+            *(["--tensor-memory"] if args.tensor_memory else []),
             *(["--llm-layers", str(args.llm_layers)] if args.llm_layers else []),
             *(["--vision-layers", str(args.vision_layers)] if args.vision_layers else [])]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
-        raise UsageError(f"bench run with --packing {mode} failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+        raise UsageError(f"bench run ({runner}, --packing {mode}) failed: "
+                         + (done.stderr.strip().splitlines() or ["?"])[-1])
     return json.loads(done.stdout)  # stdout holds the result document only
 
 
@@ -107,17 +175,16 @@ def _stage_index(recipe: Recipe, stage: str) -> int:
     raise UsageError(f"--stage {stage}: the recipe's stages are 1..{len(names)} ({', '.join(names)})")
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Train the stage for warmup + steps steps in this process; figures over the timed steps."""
+@contextmanager
+def prepared(args: argparse.Namespace):
+    """The stage to measure (steps = warmup + steps), its model with random weights and its loader, in a process
+    group of this process's world."""
     import torch
 
     from train import distributed
     from train.data import stage_loader
-    from train.engine import train_stage
-    from train.hooks import stage_hooks
     from train.models import family_for, model_config
     from train.models.base import is_stand_in
-    from train.reporting import MetricsLog
     from train.run import build_processor, synthesize_missing_data
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=False)
@@ -132,7 +199,9 @@ def measure(args: argparse.Namespace) -> dict:
         stage = recipe.stages[index].model_copy(update={
             "packing": args.packing == "on", "steps": args.warmup + args.steps, "save_every": 0, "log_every": 1})
         recipe.stages[index] = stage
-        rank, world_size = distributed.init_distributed()
+        # Trainer runs as one trains on one device without a launcher: no process group (with one, it wraps the
+        # model in DDP with find_unused_parameters, an extra graph traversal per step)
+        rank, world_size = distributed.init_distributed() if args.runner == "ours" else (0, 1)
         try:
             family, processor = family_for(recipe.model), build_processor(recipe, work / "cache", stand_in=True)
             config = model_config(recipe.model, processor.tokenizer)
@@ -140,50 +209,107 @@ def measure(args: argparse.Namespace) -> dict:
             torch.manual_seed(recipe.seed)
             model = family.build(recipe.model, config, load_weights=False)  # random weights: nothing to download
             loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
-            metrics = MetricsLog(work / "metrics.jsonl") if rank == 0 else None
-            device = distributed.device()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            train_stage(family, model, stage, loader, rank=rank, world_size=world_size,
-                        hooks=stage_hooks(stage, rank=rank, metrics=metrics))
-            lines = (work / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
-            records = [json.loads(line) for line in lines]
-            peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+            yield Prepared(recipe, stage, family, model, loader, work, rank, world_size, config,
+                           "stand-in" if is_stand_in(processor.tokenizer) else "recipe")
         finally:
             distributed.close()
-    shape = {"tokenizer": "stand-in" if is_stand_in(processor.tokenizer) else "recipe",
-             "vocab_size": config.text_config.vocab_size, "loss": recipe.model.loss, **family.depth(config)}
-    figures = _figures(records, args.warmup, stage, peak, device, world_size)
-    # what the `full` loss holds at once (fp32), which `chunked` never does: the figure its peak saving is held to
-    shape["full_logits_bytes"] = figures["positions_per_micro_batch"] * shape["vocab_size"] * 4
-    return {"recipe": recipe.name, **figures, **shape}
 
 
-def _figures(records: list[dict], warmup: int, stage, peak: int, device, world_size: int) -> dict:
-    """Speed and memory over the timed steps (the metrics records after the `warmup` first)."""
+@dataclass
+class Prepared:
+    recipe: Recipe
+    stage: object
+    family: object
+    model: object
+    loader: object
+    work: Path
+    rank: int
+    world_size: int
+    config: object
+    tokenizer: str           # "recipe", or "stand-in" where the recipe's is not on this machine
+
+
+class StepClock:
+    """When each optimizer step ends, data loading and hooks included (as Trainer's steps are timed), and what each
+    step held (train.hooks.Hook)."""
+
+    name = None
+
+    def __init__(self):
+        self.ends, self.records = [time.perf_counter()], []
+
+    def start_stage(self, ctx) -> None:
+        self.ends = [time.perf_counter()]
+
+    def before_step(self, ctx, step: int) -> None:
+        pass
+
+    def after_step(self, ctx, result) -> None:
+        self.ends.append(time.perf_counter())
+        self.records.append({"tokens": result.tokens, "samples": result.samples, "positions": result.positions,
+                             "flops": result.flops})
+
+    def end_stage(self, ctx) -> None:
+        pass
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Train the stage for warmup + steps steps in this process (ours or Trainer); figures over the timed steps,
+    timed from the end of the last untimed step to the end of the last."""
     import torch
 
-    timed = [r for r in records if r["step"] > warmup]
-    accumulation = stage.global_batch_size // (stage.micro_batch_size * world_size)  # micro-batches per step
-    seconds = sum(r["seconds"] for r in timed)
-    mfus = [r["mfu"] for r in timed]
+    from train import distributed, flops
+    from train.hooks import stage_hooks
+    from train.memory import TensorPeak
+
+    with prepared(args) as run:
+        device = distributed.device()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tracker = TensorPeak(run.model) if args.tensor_memory else None
+        with tracker or nullcontext():
+            if args.runner == "trainer":
+                from train.trainer_baseline import measure_trainer
+
+                clock = measure_trainer(run.family, run.model, run.stage, run.loader, steps=run.stage.steps,
+                                        work=run.work)
+            else:
+                clock = StepClock()
+                from train.engine import train_stage
+
+                train_stage(run.family, run.model, run.stage, run.loader, rank=run.rank, world_size=run.world_size,
+                            hooks=[*stage_hooks(run.stage, rank=run.rank), clock])
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+        stage, world_size = run.stage, run.world_size
+        shape = {"tokenizer": run.tokenizer, "vocab_size": run.config.text_config.vocab_size,
+                 "loss": run.recipe.model.loss, **run.family.depth(run.config)}
+    timed, seconds = clock.records[args.warmup:], clock.ends[-1] - clock.ends[args.warmup]
+    tokens, positions = sum(r["tokens"] for r in timed), sum(r["positions"] for r in timed)
+    per_device = None if args.runner == "trainer" else sum(r["flops"] for r in timed) / seconds / world_size
+    peak_flops = flops.peak_flops(device)
     return {
-        "stage": stage.name, "packing": stage.packing, "steps": len(timed),
-        "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
-        "samples_per_s": sum(r["samples_per_s"] * r["seconds"] for r in timed) / seconds,
-        "nonpad_fraction": sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["nonpad_fraction"] for r in timed),
-        "tflops_per_device": sum(r["tflops_per_device"] * r["seconds"] for r in timed) / seconds,
-        "mfu": None if None in mfus else sum(m * r["seconds"] for m, r in zip(mfus, timed)) / seconds,
+        "recipe": run.recipe.name, "stage": stage.name, "packing": stage.packing, "runner": args.runner,
+        "steps": len(timed), "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "samples_per_s": sum(r["samples"] for r in timed) / seconds, "nonpad_fraction": tokens / positions,
+        "tflops_per_device": None if per_device is None else per_device / 1e12,
+        "mfu": None if per_device is None or peak_flops is None else per_device / peak_flops,
         "peak_mem_bytes": int(peak), "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        **({"peak_tensor_bytes": tracker.peak} if tracker else {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": world_size, "precision": stage.precision, "max_length": stage.max_length,
         "micro_batch_size": stage.micro_batch_size, "global_batch_size": stage.global_batch_size,
-        # token positions (pad included) per micro-batch, the mean over ranks and steps (records sum all ranks'):
-        # the loss's full logits are this x vocab_size x 4 bytes
-        "positions_per_micro_batch": round(sum(r["tokens"] / r["nonpad_fraction"] for r in timed)
-                                           / (len(timed) * accumulation * world_size)),
+        **shape, **_positions(positions, len(timed), stage, world_size, shape["vocab_size"]),
     }
+
+
+def _positions(positions: int, steps: int, stage, world_size: int, vocab_size: int) -> dict:
+    """Token positions (pad included) per micro-batch, the mean over ranks and steps (step records sum all ranks'),
+    and what the `full` loss holds of them at once (fp32 logits), which `chunked` never does: the figure its peak
+    saving is held to."""
+    accumulation = stage.global_batch_size // (stage.micro_batch_size * world_size)  # micro-batches per step
+    per_micro_batch = round(positions / (steps * accumulation * world_size))
+    return {"positions_per_micro_batch": per_micro_batch, "full_logits_bytes": per_micro_batch * vocab_size * 4}
 
 
 def _use_synthetic_data(recipe: Recipe, index: int, out: Path, samples: int) -> None:

@@ -52,9 +52,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def recipe_report(recipe) -> dict:
+def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None) -> dict:
     """Parameter counts per component and, per stage, the stage plan (what trains, adapters included), from the
-    model built on the meta device: the same plan training makes."""
+    model built on the meta device: the same plan training makes; with `gpus`, each stage's memory per GPU
+    (train/memory.py)."""
     import torch
 
     from train.models import family_for
@@ -75,14 +76,39 @@ def recipe_report(recipe) -> dict:
             "steps": stage.steps, "global_batch_size": stage.global_batch_size,
             "micro_batch_size": stage.micro_batch_size,
         })
-    return {"recipe": recipe.name, "params": params, "stages": stages}
+        if gpus:
+            stages[-1]["memory"] = stage_memory(family, config, recipe, stage, plan, gpus, gpu_memory)
+    return {"recipe": recipe.name, "params": params, "stages": stages,
+            **({"gpus": gpus, "gpu_memory": gpu_memory} if gpus else {})}
+
+
+def stage_memory(family, config, recipe, stage, plan, gpus: int, gpu_memory: int | None) -> dict:
+    """One stage's memory per GPU (train/memory.py), its parameters counted as the stage plan counts them."""
+    from train import memory
+
+    params = {c: row["trainable"] + row["frozen"] for c, row in plan.table.items()}
+    trainable = {c: row["trainable"] for c, row in plan.table.items()}
+    shapes = memory.Shapes(**family.memory_shapes(config, recipe.model))
+    # the chunked loss (and Liger's fused one, which chunks inside) never holds the whole micro-batch's logits
+    loss_chunk = None if recipe.model.loss == "full" else recipe.model.loss_chunk_size
+    return memory.estimate(shapes, params, trainable, stage, gpus=gpus, gpu_memory=gpu_memory,
+                           loss_chunk=loss_chunk).as_dict()
 
 
 def cmd_recipe_check(args) -> int:
+    from train.memory import format_plan, parse_size
     from train.stages import format_freeze_table
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=not args.skip_data)
-    report = recipe_report(recipe)
+    if args.gpus is not None and args.gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
+    try:
+        gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as err:
+        raise UsageError(f"--gpu-memory: {err}") from None
+    if gpu_memory and not args.gpus:
+        raise UsageError("--gpu-memory needs --gpus (the memory per GPU depends on how many share the run)")
+    report = recipe_report(recipe, args.gpus, gpu_memory)
     if args.json:
         result_json(report)
         return 0
@@ -98,6 +124,8 @@ def cmd_recipe_check(args) -> int:
             result(f"  {component}: trained through LoRA adapters ({count:,} parameters)")
         if stage["vision_blocks"]:
             result("  vision_encoder: last {} of {} blocks trained".format(*stage["vision_blocks"]))
+        if "memory" in stage:
+            result(format_plan(stage["memory"], gpu_memory))
     return 0
 
 
@@ -216,6 +244,8 @@ def _register_train(commands) -> None:
     check.add_argument("--json", action="store_true")
     check.add_argument("--skip-data", action="store_true",
                        help="do not require the shards to exist here (data that lives on the training cluster)")
+    check.add_argument("--gpus", type=int, help="estimate each stage's memory per GPU on this many GPUs")
+    check.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 80GB: say which stages fit")
     check.set_defaults(func=cmd_recipe_check)
 
     report = commands.add_parser("report", help="plots and a markdown summary of a run")

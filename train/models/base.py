@@ -95,6 +95,11 @@ class ModelFamily:
         `.layers`."""
         raise NotImplementedError
 
+    def memory_shapes(self, config, spec) -> dict[str, int]:
+        """The sizes train/memory.py estimates a stage's memory from (the fields of train.memory.Shapes): the
+        layers and widths of the LLM and the vision encoder, the vocabulary, patches and LLM tokens per image."""
+        raise NotImplementedError
+
     def vision_length(self, config) -> int | None:
         """Tokens per image inside the vision encoder when fixed; None when read from image_grid_thw per batch."""
         raise NotImplementedError

@@ -178,6 +178,14 @@ class LlavaFamily(ModelFamily):
     def towers(self, model: LlavaForConditionalGeneration) -> dict[str, nn.Module]:
         return {"vision_encoder": model.model.vision_tower, "llm": model.model.language_model}
 
+    def memory_shapes(self, config: LlavaConfig, spec):
+        text, vision = config.text_config, config.vision_config
+        return dict(llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
+                      llm_intermediate=text.intermediate_size, vocab=text.vocab_size,
+                      vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
+                      vision_intermediate=vision.intermediate_size, vision_tokens_per_image=self.vision_length(config),
+                      image_tokens_per_image=tokens_per_image(config))
+
     def vision_length(self, config: LlavaConfig) -> int:
         vision = config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + TOWERS[tower_kind(config)][3]

@@ -328,6 +328,14 @@ class Qwen2VLFamily(ModelFamily):
     def towers(self, model: Qwen2VLVisionLM) -> dict[str, nn.Module]:
         return {"vision_encoder": model.visual, "llm": model.llm.model}
 
+    def memory_shapes(self, config: Qwen2VLVisionLMConfig, spec):
+        text, vision = config.text_config, config.vision_config
+        patches = spec.vision_encoder.max_pixels // vision.patch_size ** 2  # the largest image the processor makes
+        return dict(llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
+                      llm_intermediate=text.intermediate_size, vocab=text.vocab_size, vision_layers=vision.depth,
+                      vision_hidden=vision.embed_dim, vision_intermediate=int(vision.embed_dim * vision.mlp_ratio),
+                      vision_tokens_per_image=patches, image_tokens_per_image=patches // vision.spatial_merge_size ** 2)
+
     def vision_length(self, config) -> None:
         return None  # t * h * w patches per image, read from each batch's image_grid_thw
 
