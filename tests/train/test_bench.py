@@ -113,7 +113,8 @@ def test_bench_train_passes_depth_to_its_child_runs_and_says_stand_in(monkeypatc
     monkeypatch.setattr(bench.subprocess, "run", child)
     args = argparse.Namespace(recipe=str(ASAGI_2B), stage="2", packing="both", steps=1, warmup=0, rounds=1,
                               synthetic=4, peak_tflops=None, overrides=["stages.1.micro_batch_size=2"],
-                              llm_layers=2, vision_layers=1, json=True)
+                              llm_layers=2, vision_layers=1, json=True, baseline=None, tensor_memory=False,
+                              runner="ours")
     assert bench.cmd_bench_train(args) == 0
     assert len(argvs) == 2
     for argv in argvs:
