@@ -60,7 +60,8 @@ def register(bench_subparsers) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or min(args.llm_layers or 1, args.vision_layers or 1) < 1:
+    depths = [layers for layers in (args.llm_layers, args.vision_layers) if layers is not None]
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or min(depths, default=1) < 1:
         raise UsageError("--steps, --rounds, --llm-layers and --vision-layers must be >= 1, --warmup >= 0")
     # check the recipe and the stage here, before starting any run: one clear error, not one per child process
     _stage_index(load_recipe(args.recipe, args.overrides, check_data=False), args.stage)

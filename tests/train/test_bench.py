@@ -147,3 +147,9 @@ def test_bench_train_at_reduced_depth_with_a_stand_in_tokenizer():
     run = json.loads(done.stdout)
     assert (run["tokenizer"], run["vocab_size"], run["llm_layers"], run["vision_layers"]) == ("stand-in", 700, 1, 1)
     assert "stand-in tokenizer" in done.stderr
+
+
+def test_bench_train_refuses_a_depth_of_zero_before_starting_runs():
+    done = kakehashi("bench", "train", ASAGI_2B, "--llm-layers", "0")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].endswith("--llm-layers and --vision-layers must be >= 1, --warmup >= 0")
