@@ -64,7 +64,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or min(depths, default=1) < 1:
         raise UsageError("--steps, --rounds, --llm-layers and --vision-layers must be >= 1, --warmup >= 0")
     # check the recipe and the stage here, before starting any run: one clear error, not one per child process
-    _stage_index(load_recipe(args.recipe, args.overrides, check_data=False), args.stage)
+    recipe = load_recipe(args.recipe, args.overrides, check_data=False)
+    _stage_index(recipe, args.stage)
     if args.peak_tflops:
         from train.flops import PEAK_TFLOPS_ENV
 
@@ -72,7 +73,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     report = measure(args) if len(_runs(args)) == 1 else alternate(args)
     if report["tokenizer"] == "stand-in":  # the child processes said so on their (captured) stderr
         log.warning("measured with a stand-in tokenizer of the LLM's vocabulary size: the recipe's %s is not on "
-                    "this machine", load_recipe(args.recipe, args.overrides, check_data=False).model.tokenizer)
+                    "this machine", recipe.model.tokenizer)
     if args.json:
         result_json(report)
     else:
@@ -308,7 +309,9 @@ def _positions(positions: int, steps: int, stage, world_size: int, vocab_size: i
     """Token positions (pad included) per micro-batch, the mean over ranks and steps (step records sum all ranks'),
     and what the `full` loss holds of them at once (fp32 logits), which `chunked` never does: the figure its peak
     saving is held to."""
-    accumulation = stage.global_batch_size // (stage.micro_batch_size * world_size)  # micro-batches per step
+    from train.engine import deepspeed_config
+
+    accumulation = deepspeed_config(stage, world_size)["gradient_accumulation_steps"]  # micro-batches per step
     per_micro_batch = round(positions / (steps * accumulation * world_size))
     return {"positions_per_micro_batch": per_micro_batch, "full_logits_bytes": per_micro_batch * vocab_size * 4}
 
