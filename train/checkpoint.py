@@ -15,7 +15,8 @@ Files are memory-mapped for that check (and for elastic resume), so no rank read
 
 Elastic resume (another number of ranks than the checkpoint's) reads DeepSpeed's files itself, with the same
 weights_only loads, and re-cuts the saved partitions for the new world: ZeRO-1/2 per flat group
-(`reshard_zero12_optimizer`), ZeRO-3 per parameter (`reshard_zero3`).
+(`saved_flat_groups` -> `load_flat_groups`, which also carries fp32 ZeRO-0's per-parameter state to and from
+them), ZeRO-3 per parameter (`reshard_zero3`).
 """
 
 from __future__ import annotations
@@ -144,13 +145,18 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dict:
     """Restore engine (model, optimizer, scheduler) and RNG; returns this rank's state.
 
-    On another number of ranks than it was saved on (elastic resume; any ZeRO stage), the weights, optimizer state
-    (re-sharded), step and learning-rate schedule carry over, and the data position by sample count (rank 0's state
-    is returned); the RNG streams of other ranks do not.
+    On another number of ranks than it was saved on (elastic resume; any ZeRO stage), or in the other optimizer
+    layout (fp32 ZeRO-1/2 runs as ZeRO-0 on one rank: train/stages.py zero_stage_on), the weights, optimizer state
+    (re-cut), step and learning-rate schedule carry over, and the data position by sample count (rank 0's state is
+    returned); the RNG streams of other ranks do not.
     """
     verify_checkpoint(path)
     saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
-    if saved_world == world_size or zero_stage == 0:  # ZeRO-0 keeps the whole optimizer in the model states file
+    saved_flat = zero_stage != 3 and optim_states_file(path, 0).is_file()  # ZeRO-1/2 files (or DeepSpeed's bf16)
+    same_layout = saved_flat == _is_flat(engine.optimizer)
+    if zero_stage == 3:  # and ZeRO-3's sub-groups of parameters (train/engine.py ZERO3_SUB_GROUP) are the same
+        same_layout = len(load_mapped(_model_states_file(path))["param_shapes"]) == len(engine.optimizer.fp16_groups)
+    if same_layout and (saved_world == world_size or zero_stage == 0):  # ZeRO-0: all in the model states file
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
         same_world = saved_world == world_size
@@ -159,14 +165,18 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
         if same_world:
             set_rng_state(state["rng"])
         return state
-    log.warning("%s was saved on %d ranks; resuming on %d: weights, optimizer state (re-sharded), step, schedule and "
-                "data position (by sample count) carry over", path, saved_world, world_size)
+    layout = "" if saved_world != world_size else " (in another optimizer layout than this run's)"
+    log.warning("%s was saved on %d ranks%s; resuming on %d: weights, optimizer state (re-sharded), step, schedule "
+                "and data position (by sample count) carry over", path, saved_world, layout, world_size)
+    model_states = load_mapped(_model_states_file(path))
     if zero_stage == 3:
         reshard_zero3(engine, path, saved_world, rank, world_size)
     else:
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
-        reshard_zero12_optimizer(engine.optimizer, path, saved_world, rank)
-    model_states = load_mapped(_model_states_file(path))
+        params = _group_params(engine.optimizer)
+        saved = (saved_flat_groups(path, saved_world) if saved_flat
+                 else zero0_flat_groups(model_states["optimizer"], params))
+        load_flat_groups(engine.optimizer, params, saved, rank)
     restore_schedule(engine, model_states)
     state = torch.load(path / "kakehashi-rank00000.pt", map_location="cpu", weights_only=True)
     engine.global_steps = state["step"]
@@ -201,34 +211,93 @@ def restore_schedule(engine, model_states: dict) -> None:
     engine.skipped_steps = model_states.get("skipped_steps", engine.skipped_steps)
 
 
-def reshard_zero12_optimizer(zero_optimizer, path: Path, saved_world: int, rank: int) -> None:
-    """Load a ZeRO-1/2 optimizer saved on `saved_world` ranks into this rank's partitions of another world size.
+def _is_flat(optimizer) -> bool:
+    """DeepSpeed's ZeRO-1/2 optimizer (flat fp32 partitions), not an optimizer on the parameters (fp32 ZeRO-0)."""
+    return hasattr(optimizer, "single_partition_of_fp32_groups")
+
+
+def _group_params(optimizer) -> list[list[torch.Tensor]]:
+    """Each optimizer group's trained parameters, in the order ZeRO-1/2 flatten them."""
+    if _is_flat(optimizer):
+        return [list(group) for group in optimizer.round_robin_bit16_groups]
+    return [list(group["params"]) for group in optimizer.param_groups]
+
+
+def saved_flat_groups(path: Path, saved_world: int) -> list[dict]:
+    """Each group's whole state from a ZeRO-1/2 checkpoint of `saved_world` ranks: {fp32 (master weights), exp_avg,
+    exp_avg_sq: flat and unpadded, step}.
 
     ZeRO-1/2 keep, per parameter group, one flat fp32 vector (master weights, and AdamW's exp_avg / exp_avg_sq) cut
-    into equal partitions, the last one padded. The saved partitions, joined and unpadded, are the whole group;
-    this rank takes its slice of that at its own partition size, zero-padded past the end.
+    into equal partitions, the last one padded; the saved partitions, joined and unpadded, are the whole group.
     """
     saved = [load_mapped(optim_states_file(path, r))["optimizer_state_dict"] for r in range(saved_world)]
-    for group, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+    groups = []
+    for group in range(len(saved[0]["single_partition_of_fp32_groups"])):
         padding = sum(s["group_paddings"][group] for s in saved)
-
-        def whole(parts: list[torch.Tensor], padded: bool) -> torch.Tensor:
-            joined = torch.cat(parts)
-            return joined[: joined.numel() - padding] if padded and padding else joined
-
-        def my_slice(full: torch.Tensor) -> torch.Tensor:
-            piece = torch.zeros(flat.numel(), dtype=flat.dtype)
-            chunk = full[rank * flat.numel(): (rank + 1) * flat.numel()]
-            piece[: chunk.numel()] = chunk
-            return piece.to(flat.device)
-
-        with torch.no_grad():  # master weights are saved without padding
-            flat.copy_(my_slice(whole([s["single_partition_of_fp32_groups"][group] for s in saved], padded=False)))
         moments = [s["base_optimizer_state"]["state"][group] for s in saved]
-        state = zero_optimizer.optimizer.state[flat]
+        whole = {"fp32": torch.cat([s["single_partition_of_fp32_groups"][group] for s in saved]),  # saved unpadded
+                 "step": moments[0]["step"]}
         for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = my_slice(whole([m[key] for m in moments], padded=True))
-        state["step"] = moments[0]["step"].clone()
+            joined = torch.cat([m[key] for m in moments])
+            whole[key] = joined[: joined.numel() - padding]
+        groups.append(whole)
+    return groups
+
+
+def zero0_flat_groups(optimizer_state: dict, params: list[list[torch.Tensor]]) -> list[dict]:
+    """The same whole-group state from an fp32 ZeRO-0 checkpoint: AdamW's per-parameter state (the model states
+    file's `optimizer`), and its master weights, which are the weights just loaded into `params`."""
+    groups = []
+    for group, members in zip(optimizer_state["param_groups"], params):
+        states = [optimizer_state["state"].get(index, {}) for index in group["params"]]
+        whole = {"fp32": torch.cat([p.detach().reshape(-1).float().cpu() for p in members]),
+                 "step": states[0].get("step", torch.tensor(0.0))}
+        for key in ("exp_avg", "exp_avg_sq"):  # no state: no step was applied yet
+            whole[key] = torch.cat([st[key].reshape(-1) if key in st else torch.zeros(p.numel())
+                                    for st, p in zip(states, members)])
+        groups.append(whole)
+    return groups
+
+
+def adam_step(adam: torch.optim.Optimizer, step: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """AdamW's step count as torch's load_state_dict would place it: on the parameters' device for the fused (or
+    capturable) kernels, else on the CPU."""
+    group = adam.param_groups[0]
+    on_device = group.get("fused") or group.get("capturable")
+    return step.detach().clone().to(dtype=torch.float32, device=device if on_device else "cpu")
+
+
+def load_flat_groups(optimizer, params: list[list[torch.Tensor]], saved: list[dict], rank: int) -> None:
+    """Put each group's whole state into this rank's optimizer: its slice of every flat vector at its own partition
+    size, zero-padded past the end (ZeRO-1/2), or each parameter's piece (fp32 ZeRO-0: AdamW on the parameters)."""
+    if len(saved) != len(params) or any(s["fp32"].numel() != sum(p.numel() for p in g) for s, g in zip(saved, params)):
+        raise UsageError("checkpoint's optimizer groups do not match this stage's trained parameters "
+                         "(saved by another stage or model?)")
+    with torch.no_grad():
+        for group, whole in enumerate(saved):
+            if _is_flat(optimizer):
+                _load_partition(optimizer, group, whole, rank)
+            else:
+                _load_per_parameter(optimizer, params[group], whole)
+
+
+def _load_partition(zero_optimizer, group: int, whole: dict, rank: int) -> None:
+    flat = zero_optimizer.single_partition_of_fp32_groups[group]
+    flat.copy_(_partition(whole["fp32"], flat.numel(), rank).to(flat.device))
+    state = zero_optimizer.optimizer.state[flat]
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = _partition(whole[key], flat.numel(), rank).to(flat.device)
+    state["step"] = adam_step(zero_optimizer.optimizer, whole["step"], flat.device)
+
+
+def _load_per_parameter(adam: torch.optim.Optimizer, params: list[torch.Tensor], whole: dict) -> None:
+    offset = 0
+    for param in params:
+        pieces = {key: whole[key][offset: offset + param.numel()].view_as(param).to(param.device).clone()
+                  for key in ("fp32", "exp_avg", "exp_avg_sq")}
+        param.copy_(pieces.pop("fp32"))
+        adam.state[param] = {"step": adam_step(adam, whole["step"], param.device), **pieces}
+        offset += param.numel()
 
 
 class Zero3Saved:
@@ -305,7 +374,7 @@ def reshard_zero3(engine, path: Path, saved_world: int, rank: int, world_size: i
                         param.ds_tensor.data.copy_(mine)
                 offset = offset + size
                 trained.add(name)
-            state["step"] = saved.step.clone()
+            state["step"] = adam_step(optimizer.optimizer, saved.step, flat.device)
         for param, name in names.items():
             if name not in trained and param.ds_numel:
                 size = param.partition_numel()

@@ -44,8 +44,10 @@ def device() -> torch.device:
 
 def all_reduce_sum(value):
     """Sum a number, or each number of a list in one collective, over all ranks (float64)."""
-    tensor = torch.tensor(value, dtype=torch.float64, device=device())
-    torch.distributed.all_reduce(tensor)
+    tensor = torch.tensor(value, dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        tensor = tensor.to(device())
+        torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
 

@@ -18,7 +18,7 @@ from train.errors import UsageError
 from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
 from train.models.base import ModelFamily
 from train.recipe import Stage
-from train.stages import StagePlan, build_optimizer, plan_stage
+from train.stages import StagePlan, build_optimizer, optimizer_clips, plan_stage, zero_stage_on
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,13 @@ class StageContext:
     poison_loss: bool = False  # set by fault injection before a step: the step's loss becomes NaN
 
 
+# ZeRO-3 steps the optimizer one sub-group of parameters at a time, and each step holds the sub-group's fp32 gradients
+# (4 bytes a parameter; the fused AdamW allocates nothing more) on top of the model states. DeepSpeed's default of 1e9
+# parameters, with the per-tensor AdamW's temporaries, made the step and not the forward and backward the peak of the
+# Asagi-2B stage-2 bench on one rank; at 1e8 the step stays below them (README, "Throughput").
+ZERO3_SUB_GROUP = 100_000_000
+
+
 def deepspeed_config(stage: Stage, world_size: int) -> dict:
     per_step = stage.micro_batch_size * world_size
     if stage.global_batch_size % per_step:
@@ -66,14 +73,14 @@ def deepspeed_config(stage: Stage, world_size: int) -> dict:
             f"stage {stage.name}: global_batch_size {stage.global_batch_size} is not a multiple of "
             f"micro_batch_size x ranks = {stage.micro_batch_size} x {world_size}"
         )
-    zero = {"stage": stage.zero_stage}
-    if stage.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    zero = {"stage": zero_stage_on(stage, world_size)}
+    if zero["stage"] == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, sub_group_size=ZERO3_SUB_GROUP)
     return {
         "train_batch_size": stage.global_batch_size,
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": stage.global_batch_size // per_step,
-        "gradient_clipping": stage.max_grad_norm,
+        "gradient_clipping": 0.0 if optimizer_clips(stage, world_size) else stage.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": stage.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam would JIT-compile
@@ -142,10 +149,14 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     plan = plan_stage(family, model, stage)  # before ZeRO-3 partitions the parameters
     log.info("stage %s plan:\n%s", stage.name, plan.describe())
     enable_fast_paths(family, model, stage)
-    optimizer, scheduler = build_optimizer(family, model, stage)
+    optimizer, scheduler = build_optimizer(family, model, stage, world_size)
     config = deepspeed_config(stage, world_size)
+    if config["zero_optimization"]["stage"] != stage.zero_stage:
+        log.info("stage %s: ZeRO-%d on one rank runs as ZeRO-0 (nothing to partition)", stage.name, stage.zero_stage)
     engine, _, _, _ = deepspeed.initialize(model=family.training_module(model), optimizer=optimizer,
                                            lr_scheduler=scheduler, config=config)
+    if world_size == 1 and config["zero_optimization"]["stage"] == 0:
+        engine.enable_backward_allreduce = False  # ZeRO-0 all-reduces every gradient: over one rank, copies for nothing
     ctx = StageContext(family=family, stage=stage, engine=engine, optimizer=optimizer, plan=plan,
                        batches=BatchStream(loader), accumulation=config["gradient_accumulation_steps"], rank=rank,
                        world_size=world_size, device=distributed.device(),
@@ -158,7 +169,8 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
 
 def resume(ctx: StageContext, path: Path) -> None:
     """Restore the engine, the data position and the hooks' state from a checkpoint."""
-    state = checkpoint.load(ctx.engine, path, ctx.rank, ctx.world_size, ctx.stage.zero_stage)
+    state = checkpoint.load(ctx.engine, path, ctx.rank, ctx.world_size,
+                            zero_stage_on(ctx.stage, ctx.world_size))
     ctx.start_step = state["step"]
     if state["world_size"] == ctx.world_size:
         ctx.batches.load_state_dict(state["data"])
@@ -187,7 +199,7 @@ def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepR
         engine.backward(micro_loss * scale)
         engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
         figures[0] += micro_loss.detach().double()
-    if torch.distributed.is_initialized():
+    if ctx.world_size > 1:
         torch.distributed.all_reduce(figures)
     loss_sum, tokens, samples, positions, step_flops = figures.tolist()
     loss = loss_sum / max(targets, 1.0)

@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from train.stages import zero_stage_on
+
 ACT_HIDDEN = 12      # values saved per token per layer per hidden unit: norms, q/k/v/o in and out, residuals
 ACT_MLP = 4          # ... per MLP unit: gate and up outputs, the activation, their product
 FROZEN_SHARE = 0.65  # of that a frozen LLM saves to pass gradients back to a trained projector: a frozen linear
@@ -102,7 +104,8 @@ def estimate(shapes: Shapes, params: dict[str, int], trainable: dict[str, int], 
     logits a chunked loss holds at once (None: the whole micro-batch's)."""
     b = 2 if stage.precision == "bf16" else 4
     total_params, trained = sum(params.values()), sum(trainable.values())
-    zero, split = stage.zero_stage, max(gpus, 1)
+    split = max(gpus, 1)
+    zero = zero_stage_on(stage, split)  # what a run on that many GPUs uses
     weights = total_params * b // (split if zero == 3 else 1)
     gradients = trained * 4 // split if zero >= 2 else trained * b
     master = 0 if (zero == 0 and b == 4) else 4 * trained

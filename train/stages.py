@@ -113,28 +113,73 @@ def warmup_cosine(stage: Stage):
     return multiplier
 
 
+def zero_stage_on(stage: Stage, world_size: int) -> int:
+    """The ZeRO stage a run of `stage` on `world_size` ranks uses: the recipe's, except that an fp32 stage on one
+    rank runs ZeRO-1/2 as ZeRO-0. Partitioning over one rank saves nothing and costs a copy of every gradient into
+    DeepSpeed's flat buffers and of every updated weight back (about a fifth of the tiny recipe's step; `kakehashi
+    bench train --baseline trainer`); in fp32 ZeRO-0 the engine steps our optimizer on the parameters themselves.
+    (bf16 keeps ZeRO: DeepSpeed's ZeRO-0 bf16 wrappers keep flat fp32 copies too.) A checkpoint carries over
+    between the two layouts: train/checkpoint.py."""
+    if world_size == 1 and stage.precision == "fp32" and stage.zero_stage in (1, 2):
+        return 0
+    return stage.zero_stage
+
+
+def optimizer_clips(stage: Stage, world_size: int) -> bool:
+    """Where the engine steps our optimizer directly (fp32 ZeRO-0), the optimizer clips and guards the step itself,
+    from one norm of all gradients (GuardedAdamW), and DeepSpeed's own clipping stays off."""
+    return zero_stage_on(stage, world_size) == 0 and stage.precision == "fp32"
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips its step when any rank has a non-finite gradient, and says so through `overflow`.
 
     DeepSpeed's ZeRO optimizers check gradients for overflow themselves and skip the step (and the scheduler); with
     ZeRO-0 the engine steps this optimizer directly, so it does the same check, and DeepSpeed reads `overflow`.
+    As ZeRO's optimizers do, it decides from the norm of all gradients (non-finite if any element is), clips to
+    `max_grad_norm` (0: no clipping) with that norm, and gives it to DeepSpeed as the step's `_global_grad_norm`:
+    one pass over the gradients and one host sync per optimizer step.
     """
 
     overflow = False
 
+    def __init__(self, params, *, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self._global_grad_norm = None
+
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
-        bad = torch.tensor(0.0 if all(torch.isfinite(g).all() for g in grads) else 1.0, device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params
+                else torch.zeros(()))
+        bad = (~torch.isfinite(norm)).to(torch.float32)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad)  # every rank decides alike, whatever gradients it holds
         self.overflow = bool(bad.item())
-        return None if self.overflow else super().step(closure)
+        if self.overflow:
+            self._global_grad_norm = float("inf")
+            return None
+        self._global_grad_norm = float(norm)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
+        return super().step(closure)
 
 
-def build_optimizer(family: ModelFamily, model: nn.Module, stage: Stage):
-    optimizer_cls = GuardedAdamW if stage.zero_stage == 0 else torch.optim.AdamW
-    optimizer = optimizer_cls(parameter_groups(family, model, stage), betas=(0.9, 0.999), eps=1e-8)
+# fused: one kernel updates each tensor in place (CPU and CUDA), where the for-each and per-tensor paths also allocate
+# temporaries of the tensor's size (sqrt(v) and its quotient; at a real vocabulary, the embedding's 204M entries
+# make those the optimizer step's peak); Trainer's default (adamw_torch_fused) too
+ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8, "fused": True}
+
+
+def build_optimizer(family: ModelFamily, model: nn.Module, stage: Stage, world_size: int | None = None):
+    """The stage's AdamW and schedule. `world_size`: the run's ranks, for the engine (its ZeRO stage decides the
+    optimizer); None: for a trainer that steps and clips a plain AdamW itself (train/trainer_baseline.py)."""
+    groups = parameter_groups(family, model, stage)
+    if world_size is not None and zero_stage_on(stage, world_size) == 0:
+        clip = stage.max_grad_norm if optimizer_clips(stage, world_size) else 0.0
+        optimizer = GuardedAdamW(groups, max_grad_norm=clip, **ADAMW)
+    else:
+        optimizer = torch.optim.AdamW(groups, **ADAMW)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     return optimizer, scheduler

@@ -70,7 +70,7 @@ def measure_trainer(family, model, stage, loader, *, steps: int, work) -> StepCl
     plan_stage(family, model, stage)
     enable_fast_paths(family, model, stage)  # the stage's activation checkpointing and compile, as ours
     accumulation = deepspeed_config(stage, 1)["gradient_accumulation_steps"]
-    optimizer, scheduler = build_optimizer(family, model, stage)
+    optimizer, scheduler = build_optimizer(family, model, stage)  # plain AdamW: Trainer clips it
     cuda = torch.cuda.is_available()
     arguments = TrainingArguments(  # bf16: Trainer's autocast over fp32 weights, as the frameworks on it train
         output_dir=str(work / "trainer"), per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,

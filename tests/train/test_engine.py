@@ -67,3 +67,36 @@ def test_loss_is_normalised_over_all_target_tokens_of_the_step(world, tiny_model
     assert record["loss"] == pytest.approx(per_token.item(), rel=1e-5)
     assert record["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)
     assert record["target_tokens"] == total
+
+
+def test_fp32_zero1_and_zero2_run_as_zero0_on_one_rank_only():
+    """Partitioning over one rank saves nothing and copies every gradient and weight (train/stages.py)."""
+    from train.engine import deepspeed_config
+
+    def run_as(world_size, **fields):
+        config = deepspeed_config(make_stage(**fields), world_size)
+        return config["zero_optimization"]["stage"], config["gradient_clipping"]
+
+    assert run_as(1, zero_stage=2) == run_as(1, zero_stage=1) == (0, 0.0)  # the optimizer clips (GuardedAdamW)
+    assert run_as(2, zero_stage=2) == (2, 1.0)
+    assert run_as(1, zero_stage=2, precision="bf16") == (2, 1.0)  # DeepSpeed's ZeRO-0 bf16 keeps flat copies too
+    assert run_as(1, zero_stage=3) == (3, 1.0)
+    assert run_as(1, zero_stage=0) == (0, 0.0)
+
+
+def test_the_guarded_optimizer_clips_with_the_norm_it_reports():
+    from train.stages import GuardedAdamW
+
+    torch.manual_seed(0)
+    layer, twin = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    twin.load_state_dict(layer.state_dict())
+    for module in (layer, twin):
+        (module(torch.randn(3, 8, generator=torch.Generator().manual_seed(1))) * 100).sum().backward()
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    reference = torch.optim.AdamW(twin.parameters(), lr=0.1)
+    reference.step()
+    guarded = GuardedAdamW(layer.parameters(), lr=0.1, max_grad_norm=0.5)
+    guarded.step()
+    assert expected > 0.5 and guarded._global_grad_norm == pytest.approx(float(expected), rel=1e-6)
+    assert not guarded.overflow
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(layer.parameters(), twin.parameters()))

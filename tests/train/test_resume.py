@@ -151,7 +151,8 @@ def test_resume_never_refuses_a_used_output_without_force(recipe, uninterrupted)
     assert (uninterrupted / "stages" / "02-instruct" / "summary.json").is_file()
 
 
-def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory, world):
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory):
+    """Through the commands; the optimizer state carried both ways: test_zero3_elastic.py."""
     constant_lr = {"warmup_ratio": 0.0, "min_lr_ratio": 1.0}
     base = tmp_path_factory.mktemp("elastic")
     recipe = short_recipe(base, steps=(2, 6), save_every=2, stage_fields=constant_lr)
@@ -168,8 +169,6 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(tmp_path_factory, world
     assert "saved on 2 ranks; resuming on 1" in cut.stderr
     weights, expected = final_weights(run), final_weights(reference)
     assert all(torch.allclose(weights[k], expected[k], atol=1e-6, rtol=0) for k in expected)
-
-    assert_optimizer_resharded(run / "checkpoints" / "02-instruct" / "step-0000004", recipe, run, world)
 
     shutil.rmtree(run / "stages" / "02-instruct")  # now finish the full 6 steps on one rank
     full = kakehashi("train", recipe, "--output", run, "--no-export", "--force")
@@ -191,36 +190,3 @@ def test_wandb_offline_one_run_per_stage_continued_after_a_kill(tmp_path):
     offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert sum(name.endswith(ids["instruct"]) for name in offline_runs) == 2  # the same run id, before and after
     assert sum(name.endswith(ids["align"]) for name in offline_runs) == 1
-
-
-def assert_optimizer_resharded(checkpoint, recipe_path, run, world):
-    """Loaded on one rank, the ZeRO-2 state saved on two is whole: each group's master weights and AdamW moments
-    equal the two saved partitions joined (padding dropped), and the step count carries over."""
-    from transformers import LlavaConfig
-
-    from tests.train.conftest import random_batch
-    from train.checkpoint import _safe_globals
-    from train.engine import train_stage
-    from train.models.llava import LLAVA
-    from train.recipe import load_recipe
-
-    rank, world_size = world
-    recipe = load_recipe(recipe_path, ["stages.1.steps=4"], check_files=False)
-    llava = LLAVA.build(recipe.model, LlavaConfig.from_pretrained(run / "stages" / "01-align"), load_weights=False)
-    batches = [random_batch(torch.Generator().manual_seed(i), 8, 40, 20) for i in range(16)]
-    engine, _ = train_stage(LLAVA, llava, recipe.stages[1], iter(batches), rank=rank, world_size=world_size,
-                            resume_from=checkpoint)
-    with torch.serialization.safe_globals(_safe_globals()):
-        saved = [torch.load(checkpoint / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=True)
-                 ["optimizer_state_dict"] for r in range(2)]
-    optimizer = engine.optimizer
-    for group, flat in enumerate(optimizer.single_partition_of_fp32_groups):
-        padding = sum(s["group_paddings"][group] for s in saved)
-        master = torch.cat([s["single_partition_of_fp32_groups"][group] for s in saved])
-        assert torch.equal(flat[: master.numel()], master)
-        for key in ("exp_avg", "exp_avg_sq"):
-            joined = torch.cat([s["base_optimizer_state"]["state"][group][key] for s in saved])
-            joined = joined[: joined.numel() - padding] if padding else joined
-            loaded = optimizer.optimizer.state[flat][key]
-            assert joined.abs().sum() > 0 and torch.equal(loaded[: joined.numel()], joined), (group, key)
-        assert optimizer.optimizer.state[flat]["step"].item() == 4

@@ -1,5 +1,6 @@
-"""ZeRO-3 elastic resume: a checkpoint saved on 2 ranks resumes on 1 and one saved on 1 resumes on 2, with the
-weights, fp32 master weights, AdamW moments and step, learning-rate schedule and data position carried over.
+"""Elastic resume: a checkpoint saved on 2 ranks resumes on 1 and one saved on 1 resumes on 2, with the weights, fp32
+master weights, AdamW moments and step, learning-rate schedule and data position carried over: ZeRO-3, and fp32
+ZeRO-2, which runs as ZeRO-0 on one rank (AdamW's per-parameter state there, flat partitions on 2 ranks).
 
 What a resumed engine holds is compared with what the saving engine held at the checkpoint's step, both read through
 DeepSpeed's own gathers (GatheredParameters, safe_get_full_fp32_param / safe_get_full_optimizer_state), not through
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow  # DeepSpeed engines on 1 and 2 ranks, and whole r
 # 2 on 1 rank.
 OVERRIDES = [
     "model.vision_encoder.config.intermediate_size=127",
-    "stages.1.zero_stage=3", "stages.1.steps=6", "stages.1.save_every=2", "stages.1.warmup_ratio=0.5",
+    "stages.1.steps=6", "stages.1.save_every=2", "stages.1.warmup_ratio=0.5",
     "stages.1.global_batch_size=4", "stages.1.micro_batch_size=2",
     "stages.1.train=[vision_encoder, projector, llm]", "stages.1.vision_encoder_last_blocks=1",
     "stages.1.lr={vision_encoder: 1.0e-3, projector: 1.0e-3, llm: 1.0e-3}",
@@ -36,15 +37,23 @@ def snapshot(ctx) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     engine = ctx.engine
+    adam = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps AdamW; fp32 ZeRO-0 steps it itself
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        # ZeRO-1/2 link each parameter to its AdamW moments once, right after the first group's first step, when the
+        # other groups have no moments yet (so safe_get_full_optimizer_state finds none for them): link them again
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     weights, masters, moments = {}, {}, {}
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
             weights[name] = param.detach().clone()
         if param.requires_grad:
-            masters[name] = safe_get_full_fp32_param(param).clone()
+            zero = adam is not engine.optimizer
+            masters[name] = (safe_get_full_fp32_param(param) if zero else param.detach()).clone()
             for key in ("exp_avg", "exp_avg_sq"):
-                moments[f"{name}:{key}"] = safe_get_full_optimizer_state(param, key).clone()
-    adam_steps = sorted({float(state["step"]) for state in engine.optimizer.optimizer.state.values()})
+                moment = safe_get_full_optimizer_state(param, key) if zero else adam.state[param][key]
+                moments[f"{name}:{key}"] = moment.clone()
+    adam_steps = sorted({float(state["step"]) for state in adam.state.values()})
     return {"weights": weights, "masters": masters, "moments": moments, "adam_steps": adam_steps,
             "lrs": [group["lr"] for group in engine.optimizer.param_groups],
             "last_epoch": engine.lr_scheduler.last_epoch, "global_steps": engine.global_steps,
@@ -73,8 +82,8 @@ class Capture(Hook):
             raise Enough
 
 
-def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last, precision="fp32"):
-    """Stage 2 of the tiny recipe on ZeRO-3 (OVERRIDES), checkpoints under `out`; the model is initialised from
+def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last, precision="fp32", zero_stage=3):
+    """Stage 2 of the tiny recipe (OVERRIDES), checkpoints under `out`; the model is initialised from
     `seed`, so whatever a resumed run holds came from the checkpoint. Rank 0 writes the snapshots to `out`/captured.pt
     (tensors do not outlive a spawned process through its result queue) and returns that path."""
     from train.engine import train_stage
@@ -82,7 +91,8 @@ def train_on_ranks(rank, world_size, out, resume_from, seed, steps, last, precis
     from train.models.llava import LLAVA
     from train.recipe import load_recipe
 
-    recipe = load_recipe(TINY_RECIPE, [*OVERRIDES, f"stages.1.precision={precision}"], check_files=False)
+    recipe = load_recipe(TINY_RECIPE, [*OVERRIDES, f"stages.1.precision={precision}",
+                                       f"stages.1.zero_stage={zero_stage}"], check_files=False)
     torch.manual_seed(seed)
     model = LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, {"image": IMAGE_TOKEN_ID}))
     batches = [random_batch(torch.Generator().manual_seed(1000 * rank + i), 2, 40, 20) for i in range(16)]
@@ -130,6 +140,19 @@ def test_a_zero3_checkpoint_resumes_from_two_ranks_on_one_and_from_one_on_two(tm
     assert_carried(one["resumed"], two[2], step=2)  # 2 -> 1
     back = captured(run_on_ranks(train_on_ranks, str(tmp_path / "back"), str(tmp_path / "one" / "step-0000004"), 2,
                                  (), 5, world_size=2)[0])
+    assert_carried(back["resumed"], one[4], step=4)  # 1 -> 2
+
+
+def test_an_fp32_zero2_checkpoint_resumes_from_two_ranks_on_one_as_zero0_and_back(tmp_path):
+    """fp32 ZeRO-2 on one rank runs as ZeRO-0 (train/stages.py zero_stage_on): 2 ranks' flat partitions become
+    AdamW's per-parameter state on 1 rank, and that state becomes 2 ranks' partitions again."""
+    two = captured(run_on_ranks(train_on_ranks, str(tmp_path / "two"), None, 0, (2,), 2, "fp32", 2, world_size=2)[0])
+    one = captured(run_on_ranks(train_on_ranks, str(tmp_path / "one"), str(tmp_path / "two" / "step-0000002"), 1,
+                                (4,), 4, "fp32", 2, world_size=1)[0])
+    assert_carried(one["resumed"], two[2], step=2)  # 2 -> 1
+    assert not list((tmp_path / "one" / "step-0000004").glob("*optim_states.pt"))  # saved in ZeRO-0's layout
+    back = captured(run_on_ranks(train_on_ranks, str(tmp_path / "back"), str(tmp_path / "one" / "step-0000004"), 2,
+                                 (), 5, "fp32", 2, world_size=2)[0])
     assert_carried(back["resumed"], one[4], step=4)  # 1 -> 2
 
 
