@@ -125,7 +125,7 @@ def cmd_recipe_check(args) -> int:
         if stage["vision_blocks"]:
             result("  vision_encoder: last {} of {} blocks trained".format(*stage["vision_blocks"]))
         if "memory" in stage:
-            result(format_plan(stage["memory"], gpu_memory))
+            result(format_plan(stage["memory"], gpu_memory, stage["zero_stage"]))
     return 0
 
 

@@ -88,6 +88,7 @@ class StageMemory:
     buffers_alongside: bool        # the buffers add to the activations (else the peak is the larger of the two)
     total: int
     fits: bool | None              # None without a GPU size
+    zero_stage: int                # the ZeRO stage a run on that many GPUs uses (train/stages.py zero_stage_on)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +125,7 @@ def estimate(shapes: Shapes, params: dict[str, int], trainable: dict[str, int], 
     total = states + (buffers + activations + logits if alongside else max(buffers, activations + logits))
     fits = None if gpu_memory is None else total <= gpu_memory * (1 - RESERVED)
     return StageMemory(weights, gradients, optimizer, buffers, activations, logits, checkpointed, alongside, total,
-                       fits)
+                       fits, zero)
 
 
 def _activations(shapes: Shapes, trainable: dict[str, int], stage, tokens: int, b: int) -> tuple[int, int]:
@@ -166,14 +167,16 @@ def compare(run: dict, memory: dict, tolerance: float = 0.2) -> dict:
             for name, (m, e) in rows.items()}
 
 
-def format_plan(memory: dict, gpu_memory: int | None) -> str:
-    """The estimate of one stage (StageMemory.as_dict()) as the lines `recipe check` prints."""
+def format_plan(memory: dict, gpu_memory: int | None, stage_zero: int) -> str:
+    """The estimate of one stage (StageMemory.as_dict()) as the lines `recipe check` prints; `stage_zero`: the
+    recipe's ZeRO stage (one GPU runs fp32 ZeRO-1/2 as ZeRO-0, and the estimate says so)."""
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
     states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["buffers"]
     verdict = "" if memory["fits"] is None else (" -> fits" if memory["fits"] else " -> DOES NOT FIT")
     room = f" of {gib(gpu_memory)} ({RESERVED:.0%} kept free)" if gpu_memory else ""
     return "\n".join([
-        f"  memory per GPU: {gib(memory['total'])}{room}{verdict}",
+        f"  memory per GPU: {gib(memory['total'])}{room}{verdict}"
+        + (f" (run as ZeRO-{memory['zero_stage']} on one GPU)" if memory["zero_stage"] != stage_zero else ""),
         f"    states {gib(states)}: weights {gib(memory['weights'])}, gradients {gib(memory['gradients'])}, "
         f"optimizer {gib(memory['optimizer'])}, buffers {gib(memory['buffers'])}"
         + ("" if memory["buffers_alongside"] else " (freed activations make room for them)"),

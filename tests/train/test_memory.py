@@ -46,6 +46,14 @@ def test_fp32_zero0_keeps_no_master_copy():
     assert (got.weights, got.gradients, got.optimizer) == (4000, 2800, 8 * 700)
 
 
+def test_one_gpu_estimates_fp32_zero2_as_the_zero0_it_runs():
+    one = estimate(SHAPES, PARAMS, TRAINED, stage(zero_stage=2, precision="fp32"), gpus=1)
+    assert one.zero_stage == 0 and one.as_dict() == {
+        **estimate(SHAPES, PARAMS, TRAINED, stage(zero_stage=0, precision="fp32"), gpus=1).as_dict(), "zero_stage": 0}
+    assert estimate(SHAPES, PARAMS, TRAINED, stage(zero_stage=2, precision="fp32"), gpus=2).zero_stage == 2
+    assert estimate(SHAPES, PARAMS, TRAINED, stage(zero_stage=2), gpus=1).zero_stage == 2  # bf16 keeps ZeRO
+
+
 def test_activations_and_logits():
     # 2 x 4 = 8 tokens; a trained LLM layer saves 8 * (12*8 + 4*16) values of 2 bytes = 2560 bytes
     got = estimate(SHAPES, PARAMS, TRAINED, stage(), gpus=1)
