@@ -153,10 +153,7 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
     verify_checkpoint(path)
     saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
     saved_flat = zero_stage != 3 and optim_states_file(path, 0).is_file()  # ZeRO-1/2 files (or DeepSpeed's bf16)
-    same_layout = saved_flat == _is_flat(engine.optimizer)
-    if zero_stage == 3:  # and ZeRO-3's sub-groups of parameters (train/engine.py ZERO3_SUB_GROUP) are the same
-        same_layout = len(load_mapped(_model_states_file(path))["param_shapes"]) == len(engine.optimizer.fp16_groups)
-    if same_layout and (saved_world == world_size or zero_stage == 0):  # ZeRO-0: all in the model states file
+    if same_layout(engine, path, zero_stage, saved_flat) and (saved_world == world_size or zero_stage == 0):
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
         same_world = saved_world == world_size
@@ -181,6 +178,18 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
     state = torch.load(path / "kakehashi-rank00000.pt", map_location="cpu", weights_only=True)
     engine.global_steps = state["step"]
     return state
+
+
+def same_layout(engine, path: Path, zero_stage: int, saved_flat: bool) -> bool:
+    """Whether DeepSpeed can load the checkpoint into this engine as it is: ZeRO-1/2's flat partitions and fp32
+    ZeRO-0's per-parameter AdamW state (the optimizer DeepSpeed steps itself) do not mix, and ZeRO-3's files must be
+    cut into the same sub-groups of parameters (train/engine.py ZERO3_SUB_GROUP). DeepSpeed's bf16 ZeRO-0 wrappers
+    load their own files, as before."""
+    if zero_stage == 3:
+        return len(load_mapped(_model_states_file(path))["param_shapes"]) == len(engine.optimizer.fp16_groups)
+    if _is_flat(engine.optimizer) or isinstance(engine.optimizer, torch.optim.Optimizer):
+        return saved_flat == _is_flat(engine.optimizer)
+    return True
 
 
 def _model_states_file(path: Path) -> Path:
