@@ -21,7 +21,9 @@ def test_bench_data_measures_both_paths_on_synthetic_photos(tmp_path, capsys):
                       "--image-size", "64", "--workers", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["samples_per_s"] > 0 and report["baseline_samples_per_s"] > 0
-    assert report["ratio"] == round(report["samples_per_s"] / report["baseline_samples_per_s"], 2)
+    # the ratio is of the unrounded rates; the report rounds each rate to 0.1, so recomputing it may differ in the
+    # last digit (3.37 vs 3.38 in one CI run)
+    assert abs(report["ratio"] - report["samples_per_s"] / report["baseline_samples_per_s"]) < 0.02
     samples = [s for path in sorted(tmp_path.glob("photos-*.tar")) for s in iter_raw_samples(str(path))]
     assert len(samples) == 12 and samples[0].image_exts == ["jpg"]
     assert (tmp_path / "index.json").is_file()
