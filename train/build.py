@@ -46,8 +46,9 @@ def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_siz
         # the decorator's __init__ for the rest of the process. A build on the meta device imports them first.
         with torch.device("meta"):
             family.build(spec, config, load_weights=False)
-    with construction(stage):
+    with construction(stage, world_size):
         model = family.build(spec, config, load_weights=False)
+    check_dtype(model, stage)
     if partitioned:
         finish_partitioned(model, initialise=previous is None)
     if previous is not None:
@@ -62,10 +63,15 @@ def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_siz
 
 
 @contextmanager
-def construction(stage: Stage):
+def construction(stage: Stage, world_size: int):
     """Where the stage's model is built: parameters created in the stage's dtype; under ZeRO-3 inside
     zero.Init. There, transformers' own init is deferred (it would run on the then-empty partitions and mark them
-    done; finish_partitioned runs it afterwards), as transformers' from_pretrained does under ZeRO-3."""
+    done; finish_partitioned runs it afterwards), as transformers' from_pretrained does under ZeRO-3.
+
+    zero.Init is given the stage's DeepSpeed config (the engine's), not `dtype=`: DeepSpeed (0.16-0.19) resolves
+    `dtype` as `dtype or fp16 if accelerator.is_fp16_supported() else bf16 ...`, so on an accelerator without fp16
+    (a CPU without AVX512-FP16/AMX-FP16) any dtype given, fp32 included, becomes bf16, and every floating tensor
+    created inside the context is rounded through bf16. From a config the dtype is the config's bf16 switch."""
     dtype, before = stage_dtype(stage), torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -77,11 +83,24 @@ def construction(stage: Stage):
 
                 stack.enter_context(initialization.no_init_weights())
                 stack.enter_context(prevent_arange_dtype_change())  # RoPE's fp32 buffers stay fp32
-                # no config: ours sets no parameter offload or persistence threshold that zero.Init would read
-                stack.enter_context(deepspeed.zero.Init(dtype=dtype))
+                from train.engine import deepspeed_config
+
+                deepspeed.init_distributed(verbose=False)  # the config's batch check reads deepspeed.comm's world
+                stack.enter_context(deepspeed.zero.Init(config_dict_or_path=deepspeed_config(stage, world_size)))
             yield
     finally:
         torch.set_default_dtype(before)
+
+
+def check_dtype(model: nn.Module, stage: Stage) -> None:
+    """Every floating parameter is held in the stage's dtype (under ZeRO-3: its partition), or the build is wrong."""
+    dtype = stage_dtype(stage)
+    wrong = [(name, held.dtype) for name, p in model.named_parameters()
+             for held in [getattr(p, "ds_tensor", None) if hasattr(p, "ds_id") else p]
+             if held is not None and held.is_floating_point() and held.dtype != dtype]
+    if wrong:
+        raise RuntimeError(f"stage {stage.name}: {len(wrong)} parameters built in another dtype than {dtype}, "
+                           f"e.g. {wrong[0][0]} in {wrong[0][1]}")
 
 
 def finish_partitioned(model: nn.Module, initialise: bool) -> None:

@@ -143,3 +143,41 @@ def test_zero3_builds_each_rank_only_its_partition_of_the_model(tmp_path, monkey
         assert result["full"] / 2 <= result["local"] < result["full"] / 2 + len(state), rank
         # a rank that built the whole model would grow by at least full_bytes; each holds half (plus a tensor)
         assert result["growth"] < 0.7 * full_bytes, (rank, result["growth"], full_bytes)
+
+
+def _build_zero3_exact(rank, world_size, previous, precision, fp16_supported):
+    """On each rank: the tiny model's ZeRO-3 build from `previous` in `precision`, with the accelerator saying
+    `fp16_supported` (DeepSpeed chose zero.Init's dtype from that answer, whatever dtype it was given); the names
+    of the parameters whose gathered value is not the file's in the stage dtype, and the dtypes held."""
+    from pathlib import Path
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from train.build import build_stage_model
+    from train.models.base import safetensors_weights
+    from train.models.llava import LLAVA
+
+    type(get_accelerator()).is_fp16_supported = lambda self: fp16_supported
+    recipe, config = recipe_and_config(["stages.1.zero_stage=3", f"stages.1.precision={precision}"])
+    model = build_stage_model(LLAVA, recipe.model, config, recipe.stages[1], world_size, Path(previous))
+    params = dict(model.named_parameters())
+    differing = []
+    for weight in safetensors_weights(Path(previous) / "model.safetensors"):
+        with deepspeed.zero.GatheredParameters([params[weight.name]]):
+            value = params[weight.name].data
+            if not torch.equal(value, weight.read().to(value.dtype)):
+                differing.append(weight.name)
+    return {"differing": differing, "dtypes": sorted({str(p.ds_tensor.dtype) for p in params.values()})}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("fp16_supported", [False, True], ids=["no-fp16-accelerator", "fp16-accelerator"])
+def test_a_zero3_build_holds_the_files_weights_exactly_in_the_stage_dtype(tmp_path, precision, fp16_supported):
+    # compared with the file, not with another build: a build that rounds through bf16 differs from the file even
+    # where every build rounds the same way (DeepSpeed's zero.Init dtype bug rounded fp32 builds on CPUs without fp16)
+    write_stage_dir(tmp_path / "previous")
+    results = run_on_ranks(_build_zero3_exact, str(tmp_path / "previous"), precision, fp16_supported)
+    expected = "torch.float32" if precision == "fp32" else "torch.bfloat16"
+    for rank, result in enumerate(results):
+        assert result == {"differing": [], "dtypes": [expected]}, rank
