@@ -227,16 +227,19 @@ def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     hooks = [totals, *(stage_hooks(stage, rank=rank) if hooks is None else hooks)]
     ctx = setup_stage(family, model, stage, loader, rank=rank, world_size=world_size, hooks=hooks,
                       resume_from=resume_from)
-    for hook in hooks:
-        hook.start_stage(ctx)
-    for step in range(ctx.start_step + 1, stage.steps + 1):
+    try:
         for hook in hooks:
-            hook.before_step(ctx, step)
-        result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+            hook.start_stage(ctx)
+        for step in range(ctx.start_step + 1, stage.steps + 1):
+            for hook in hooks:
+                hook.before_step(ctx, step)
+            result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+            for hook in hooks:
+                hook.after_step(ctx, result)
         for hook in hooks:
-            hook.after_step(ctx, result)
-    for hook in hooks:
-        hook.end_stage(ctx)
+            hook.end_stage(ctx)
+    finally:
+        ctx.batches.close()  # the workers joined now: none outlives its stage into the next one's start
     return ctx.engine, totals.summary(ctx)
 
 

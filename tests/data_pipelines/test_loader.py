@@ -163,3 +163,16 @@ def test_invalid_arguments_fail_at_construction(synth_dir, tiny_tokenizer, image
     state = make_loader(sources, tiny_tokenizer).state_dict()
     with pytest.raises(ValueError, match="seed"):
         make_loader(sources, tiny_tokenizer, seed=5).load_state_dict(state)
+
+
+def test_many_stage_starts_on_two_ranks_with_live_gloo_threads_never_hang(synth_dir, tmp_path):
+    # the workers start from a forkserver (data_pipelines/loader.py WORKER_START), never by fork of a process with
+    # threads, and close() joins them: a hang here fails run_on_ranks instead of passing
+    from data_pipelines.loader import WORKER_START
+    from tests.data_pipelines.stage_starts import stage_starts
+    from tests.ranks import run_on_ranks
+
+    results = run_on_ranks(stage_starts, str(synth_dir), str(tmp_path / "tok"), 8, WORKER_START)
+    for rank, result in enumerate(results):
+        assert len(result["seconds"]) == 8, rank
+        assert result["left_alive"] == [0] * 8, rank
