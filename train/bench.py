@@ -309,9 +309,9 @@ def _positions(positions: int, steps: int, stage, world_size: int, vocab_size: i
     """Token positions (pad included) per micro-batch, the mean over ranks and steps (step records sum all ranks'),
     and what the `full` loss holds of them at once (fp32 logits), which `chunked` never does: the figure its peak
     saving is held to."""
-    from train.engine import deepspeed_config
+    from train.stages import resolve_stage
 
-    accumulation = deepspeed_config(stage, world_size)["gradient_accumulation_steps"]  # micro-batches per step
+    accumulation = resolve_stage(stage, world_size).accumulation  # micro-batches per step
     per_micro_batch = round(positions / (steps * accumulation * world_size))
     return {"positions_per_micro_batch": per_micro_batch, "full_logits_bytes": per_micro_batch * vocab_size * 4}
 

@@ -108,6 +108,10 @@ def cmd_recipe_check(args) -> int:
         raise UsageError(f"--gpu-memory: {err}") from None
     if gpu_memory and not args.gpus:
         raise UsageError("--gpu-memory needs --gpus (the memory per GPU depends on how many share the run)")
+    if args.gpus:
+        from train.submit import check_batch_sizes
+
+        check_batch_sizes(recipe, args.gpus)  # what submit and the run refuse on that many ranks
     report = recipe_report(recipe, args.gpus, gpu_memory)
     if args.json:
         result_json(report)

@@ -37,6 +37,7 @@ from train.errors import UsageError
 from train.evaluate import exact_match, first_turn, rouge_l
 from train.models import family_for, model_config
 from train.recipe import DataSource, Stage
+from train.stages import resolve_stage
 
 MAX_NEW_TOKENS = 32  # as `kakehashi eval`
 
@@ -98,6 +99,7 @@ class PeriodicEval:
         self.family, self.stage, self.eval_set, self.processor = family, stage, eval_set, processor
         self.benchmarks = benchmarks or []  # train/benchmarks/periodic.py BenchmarkEval
         self.rank, self.world_size, self.metrics = rank, world_size, metrics
+        self.lockstep = resolve_stage(stage, world_size).lockstep
         image_processor = processor.image_processor
         self.image_mean, self.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
         tokenizer = processor.tokenizer
@@ -122,9 +124,8 @@ class PeriodicEval:
                 record = {"kind": "eval", "stage": self.stage.name, "step": step, **self.losses(engine)}
                 model = self.family.unwrap(getattr(engine, "module", engine))
                 answers = self.generate(model)
-                synced = self.stage.zero_stage == 3 and self.world_size > 1
                 for benchmark in self.benchmarks:
-                    record.update(benchmark.run(model, self.processor, synced_gpus=synced))
+                    record.update(benchmark.run(model, self.processor, synced_gpus=self.lockstep))
         finally:
             for module, training in modes.items():
                 module.train(training)
@@ -167,10 +168,9 @@ class PeriodicEval:
         return record
 
     def generate(self, model) -> list[tuple[VqaSample, str]]:
-        synced = self.stage.zero_stage == 3 and self.world_size > 1
         tokenizer = self.processor.tokenizer
         return [(sample, answer(model, self.processor, sample.images, sample.question, MAX_NEW_TOKENS,
-                                synced_gpus=synced, eos_token_id=tokenizer.eos_token_id,
+                                synced_gpus=self.lockstep, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=self.pad_token_id))
                 for sample in self.eval_set.vqa]
 
