@@ -93,6 +93,25 @@ def test_shared_modules_stay_below_the_commands_that_use_them():
     assert set().union(*(train[m] for m in families)) - families <= {"errors"}  # families know no run, recipe, loop
 
 
+def test_no_module_under_train_imports_the_cli():
+    # the CLI is a front-end over the library: library code reached from it (periodic eval, the bench) must not
+    # reach back into it; the `python -m train` entry point is a front-end too
+    front_ends = {"cli", "__main__"}
+    graph = import_graph("train")
+    graph["__main__"] = imported(REPO / "train" / "__main__.py", "train", set(graph))
+    importers = sorted(name for name, targets in graph.items() if "cli" in targets and name not in front_ends)
+    assert not importers, f"modules importing train.cli: {importers}"
+    assert "cli" in graph["__main__"]  # the scan sees the one import that is allowed
+
+
+def test_each_metric_name_says_its_scale():
+    from train.benchmarks import metrics
+
+    assert not hasattr(metrics, "rouge_l")  # which one? eval-mm's 0-100 MeCab one and ours 0-1 per character differ
+    assert metrics.rouge_l_mecab_pct("赤色です。", "赤色です。") == 100.0
+    assert metrics.rouge_l_chars_f1("赤色です。", "赤色です。") == 1.0
+
+
 def family_branches(path: Path) -> list[str]:
     """Places in `path` that test what kind of model they hold: hasattr / getattr on a model, processor or config,
     a comparison with a vision encoder kind, or isinstance with a model class."""

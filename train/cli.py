@@ -191,7 +191,7 @@ def cmd_eval(args) -> int:
     judge = "" if report["judge"] is None else f", judge {report['judge']:.2f}"
     result(f"loss {report['loss']:.4f} over {report['samples']} samples ({report['bad_samples']} bad); "
            f"VQA ({report['vqa_samples']}): exact match {report['exact_match']:.1%}, "
-           f"ROUGE-L {report['rouge_l']:.3f}{judge}")
+           f"ROUGE-L (chars, F1) {report['rouge_l_chars_f1']:.3f}{judge}")
     for source, loss in report["loss_by_source"].items():
         result(f"  {source}: loss {loss:.4f}")
     return 0

@@ -2,7 +2,7 @@
 
 Generation metrics, as Japanese VLM benchmarks report them:
   exact match    the answer equals the reference after stripping whitespace and the EOS
-  ROUGE-L        character-level LCS F1 (JA-VG-VQA-500 style: Japanese has no spaces to split words on)
+  ROUGE-L        rouge_l_chars_f1: character-level LCS F1, 0-1 (Japanese has no spaces to split words on)
   judge          optional (Heron-Bench style): an OpenAI-compatible chat endpoint scores each answer 1-10;
                  off unless KAKEHASHI_JUDGE_URL is set (KAKEHASHI_JUDGE_MODEL, KAKEHASHI_JUDGE_KEY optional)
 """
@@ -18,32 +18,12 @@ from pathlib import Path
 import torch
 
 from data_pipelines.images import decode_image
+from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
 
 JUDGE_PROMPT = (
     "次の質問に対する回答を、参照回答と比べて1から10の整数で採点してください。数字だけを答えてください。\n"
     "質問: {question}\n参照回答: {reference}\n回答: {answer}"
 )
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """Character-level ROUGE-L F1: 2PR / (P + R) over the longest common subsequence of characters."""
-    if not candidate or not reference:
-        return float(candidate == reference)
-    previous = [0] * (len(reference) + 1)
-    for a in candidate:
-        current = [0]
-        for j, b in enumerate(reference):
-            current.append(previous[j] + 1 if a == b else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(candidate), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def exact_match(answer: str, reference: str) -> float:
-    return float(answer.strip() == reference.strip())
 
 
 def first_turn(meta: dict, images: list) -> tuple[str, list, str]:
@@ -109,7 +89,7 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
     image_processor, pad = processor.image_processor, processor.tokenizer.pad_token_id
     judge_url = os.environ.get("KAKEHASHI_JUDGE_URL")
     loss_sum, loss_count = defaultdict(float), defaultdict(int)
-    generation = {"samples": 0, "exact_match": 0.0, "rouge_l": 0.0, "judge": []}
+    generation = {"samples": 0, "exact_match": 0.0, "rouge_l_chars_f1": 0.0, "judge": []}
     bad, seen = 0, 0
     for shard, raw in _samples(patterns):
         if seen >= max_samples:
@@ -131,7 +111,7 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
             said = answer(model, processor, images, prompt, max_new_tokens)
             generation["samples"] += 1
             generation["exact_match"] += exact_match(said, reference)
-            generation["rouge_l"] += rouge_l(said, reference)
+            generation["rouge_l_chars_f1"] += rouge_l_chars_f1(said, reference)
             if judge_url:
                 generation["judge"].append(judge_score(prompt, reference, said, judge_url))
     return _report(seen, bad, loss_sum, loss_count, generation)
@@ -147,6 +127,6 @@ def _report(seen: int, bad: int, loss_sum: dict, loss_count: dict, generation: d
         "loss_by_source": {s: loss_sum[s] / max(loss_count[s], 1) for s in loss_sum},
         "vqa_samples": generation["samples"],
         "exact_match": generation["exact_match"] / n,
-        "rouge_l": generation["rouge_l"] / n,
+        "rouge_l_chars_f1": generation["rouge_l_chars_f1"] / n,
         "judge": (sum(scores) / len(scores)) if scores else None,
     }

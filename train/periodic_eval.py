@@ -31,10 +31,11 @@ from data_pipelines.samples import BadSample
 from data_pipelines.shard_reader import iter_raw_samples
 from data_pipelines.shards import expand_shard_patterns
 from train import distributed
+from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
 from train.chat import answer
 from train.data import source_specs, stage_loader
 from train.errors import UsageError
-from train.evaluate import exact_match, first_turn, rouge_l
+from train.evaluate import first_turn
 from train.models import family_for, model_config
 from train.recipe import DataSource, Stage
 from train.stages import resolve_stage
@@ -132,7 +133,7 @@ class PeriodicEval:
         if answers:
             record["eval_vqa_samples"] = len(answers)
             record["eval_exact_match"] = sum(exact_match(a, s.reference) for s, a in answers) / len(answers)
-            record["eval_rouge_l"] = sum(rouge_l(a, s.reference) for s, a in answers) / len(answers)
+            record["eval_rouge_l_chars_f1"] = sum(rouge_l_chars_f1(a, s.reference) for s, a in answers) / len(answers)
         if self.metrics is not None:
             self.metrics.write(record)
             if self.metrics.wandb_run is not None and answers:

@@ -6,7 +6,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from train.evaluate import judge_score, rouge_l
+from train.benchmarks.metrics import rouge_l_chars_f1
+from train.evaluate import judge_score
 
 
 @pytest.mark.parametrize("candidate, reference, expected", [
@@ -19,7 +20,7 @@ from train.evaluate import judge_score, rouge_l
     ("abc", "xyz", 0.0),
 ])
 def test_character_rouge_l(candidate, reference, expected):
-    assert rouge_l(candidate, reference) == pytest.approx(expected)
+    assert rouge_l_chars_f1(candidate, reference) == pytest.approx(expected)
 
 
 class StubJudge(BaseHTTPRequestHandler):
