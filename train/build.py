@@ -20,16 +20,42 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from train.models import family_for
 from train.models.base import ModelFamily, load_weights, safetensors_weights
-from train.recipe import Stage
+from train.recipe import Recipe, Stage
 from train.stages import ResolvedStage, resolve_stage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageBuild:
+    """What a stage needs to train, assembled in one place for `kakehashi train` and `bench train`."""
+
+    resolved: ResolvedStage  # the settings it runs with on these ranks
+    model: nn.Module         # in the stage's dtype; under ZeRO-3 partitioned as it was built
+    loader: object           # the stage's MixtureLoader, this rank's split
+
+
+def build_stage(recipe: Recipe, index: int, processor, config, *, rank: int, world_size: int,
+                previous: Path | None = None, load: bool = True) -> StageBuild:
+    """Stage `index` of `recipe` as a run trains it: its resolved settings, its model (from the `previous` stage
+    directory, else the recipe's weights with `load`, else random) and its loader. Seeds torch with the recipe's
+    seed first, so random-init components are the same on every rank and in every caller."""
+    from train.data import stage_loader
+
+    stage = recipe.stages[index]
+    resolved = resolve_stage(stage, world_size)  # a batch that does not divide fails before anything is built
+    torch.manual_seed(recipe.seed)
+    model = build_stage_model(family_for(recipe.model), recipe.model, config, stage, world_size, previous, load)
+    loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
+    return StageBuild(resolved, model, loader)
 
 
 def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_size: int, previous: Path | None,
@@ -52,7 +78,7 @@ def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_siz
     if previous is not None:
         weights, strict = safetensors_weights(previous / "model.safetensors"), True
     else:
-        weights, strict = (family.weights(spec, config, model) if load else []), spec.init is not None
+        weights, strict = (family.weights(spec, config, model), spec.init is not None) if load else ([], False)
     count = load_weights(model, weights, strict=strict, gathered=gathered if partitioned else None)
     log.info("stage %s: model built in %s%s, %d weight tensors loaded%s", stage.name, resolved.dtype,
              f", partitioned over {world_size} ranks (ZeRO-3)" if partitioned else "", count,
