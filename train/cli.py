@@ -146,7 +146,8 @@ def cmd_export(args) -> int:
 def cmd_chat(args) -> int:
     from PIL import Image
 
-    from train.chat import answer, load_export
+    from train.benchmarks.generate import answer
+    from train.chat import load_export
 
     model, processor = load_export(args.model)
     image = Image.open(args.image).convert("RGB")

@@ -9,9 +9,6 @@ Generation metrics, as Japanese VLM benchmarks report them:
 
 from __future__ import annotations
 
-import json
-import os
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +17,6 @@ import torch
 from data_pipelines.images import decode_image
 from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
 
-JUDGE_PROMPT = (
-    "次の質問に対する回答を、参照回答と比べて1から10の整数で採点してください。数字だけを答えてください。\n"
-    "質問: {question}\n参照回答: {reference}\n回答: {answer}"
-)
-
 
 def first_turn(meta: dict, images: list) -> tuple[str, list, str]:
     """(prompt without placeholders, the images it shows, stripped reference) of a VQA sample's first turn."""
@@ -32,24 +24,6 @@ def first_turn(meta: dict, images: list) -> tuple[str, list, str]:
 
     question, reference = conversation_turns(meta["conversations"])[0]
     return question.replace("<image>", "").strip(), images[: question.count("<image>")], reference.strip()
-
-
-def judge_score(question: str, reference: str, answer: str, url: str) -> float | None:
-    """Ask an OpenAI-compatible /chat/completions endpoint for a 1-10 score; None when it gives no number."""
-    body = {
-        "model": os.environ.get("KAKEHASHI_JUDGE_MODEL", "judge"),
-        "messages": [{"role": "user",
-                      "content": JUDGE_PROMPT.format(question=question, reference=reference, answer=answer)}],
-        "temperature": 0,
-    }
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("KAKEHASHI_JUDGE_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['KAKEHASHI_JUDGE_KEY']}"
-    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers)
-    with urllib.request.urlopen(request, timeout=60) as response:
-        text = json.load(response)["choices"][0]["message"]["content"]
-    digits = "".join(ch for ch in text.strip() if ch.isdigit())
-    return float(digits) if digits and 1 <= int(digits) <= 10 else None
 
 
 def _samples(patterns: list[str]):
@@ -80,14 +54,15 @@ def example_maker(family, model, processor, patterns: list[str], template: str, 
 def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 200, max_new_tokens: int = 32) -> dict:
     from data_pipelines.collate import collate, model_inputs
     from data_pipelines.samples import BadSample
-    from train.chat import answer
+    from train.benchmarks.generate import answer
+    from train.benchmarks.judge import Judge, reference_score_1_10
     from train.models import family_of_export
 
     family = family_of_export(model_dir)
     model, processor = family.load_export(model_dir)
     forward, make_example = family.training_module(model), example_maker(family, model, processor, patterns, template)
     image_processor, pad = processor.image_processor, processor.tokenizer.pad_token_id
-    judge_url = os.environ.get("KAKEHASHI_JUDGE_URL")
+    judge = Judge.from_env()
     loss_sum, loss_count = defaultdict(float), defaultdict(int)
     generation = {"samples": 0, "exact_match": 0.0, "rouge_l_chars_f1": 0.0, "judge": []}
     bad, seen = 0, 0
@@ -112,8 +87,8 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
             generation["samples"] += 1
             generation["exact_match"] += exact_match(said, reference)
             generation["rouge_l_chars_f1"] += rouge_l_chars_f1(said, reference)
-            if judge_url:
-                generation["judge"].append(judge_score(prompt, reference, said, judge_url))
+            if judge is not None:
+                generation["judge"].append(reference_score_1_10(judge, prompt, reference, said))
     return _report(seen, bad, loss_sum, loss_count, generation)
 
 

@@ -31,8 +31,8 @@ from data_pipelines.samples import BadSample
 from data_pipelines.shard_reader import iter_raw_samples
 from data_pipelines.shards import expand_shard_patterns
 from train import distributed
+from train.benchmarks.generate import answer
 from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
-from train.chat import answer
 from train.data import source_specs, stage_loader
 from train.errors import UsageError
 from train.evaluate import first_turn
@@ -169,10 +169,8 @@ class PeriodicEval:
         return record
 
     def generate(self, model) -> list[tuple[VqaSample, str]]:
-        tokenizer = self.processor.tokenizer
         return [(sample, answer(model, self.processor, sample.images, sample.question, MAX_NEW_TOKENS,
-                                synced_gpus=self.lockstep, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=self.pad_token_id))
+                                synced_gpus=self.lockstep))
                 for sample in self.eval_set.vqa]
 
 

@@ -63,7 +63,8 @@ def test_three_stages_train_their_components_only(twin_run):
 def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_run):
     from PIL import Image
 
-    from train.chat import answer, load_export
+    from train.benchmarks.generate import answer
+    from train.chat import load_export
     from train.models.qwen2vl import QWEN2VL, Qwen2VLVisionLMConfig
     from train.recipe import load_recipe
 

@@ -84,3 +84,10 @@ def generate_answers(model, processor, requests: list[tuple[list, str]], setting
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def answer(model, processor, images: list, prompt: str, max_new_tokens: int = 32, **generate) -> str:
+    """Greedy answer to one user turn, the images first (as in training data), then the prompt: generate_answers
+    for one request (`chat`, `shapes-eval`, `eval --data` and periodic eval all answer through it)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=1)
+    return generate_answers(model, processor, [(images, prompt)], settings, **generate)[0]
