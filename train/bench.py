@@ -326,7 +326,7 @@ def _positions(positions: int, steps: int, stage, world_size: int, vocab_size: i
 
 def _use_synthetic_data(recipe: Recipe, index: int, out: Path, samples: int) -> None:
     """Point the stage's sources at freshly synthesized shapes shards of their task (captions or VQA)."""
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
 
     synthesize(out, samples=samples, seed=recipe.seed)
     for source in recipe.stages[index].data:

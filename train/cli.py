@@ -211,8 +211,8 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_pipelines.bench import register as register_data_bench
-    from data_pipelines.commands import register as register_data
+    from data_pipelines.tools.bench import register as register_data_bench
+    from data_pipelines.tools.commands import register as register_data
     from train.bench import register as register_train_bench
     from train.submit import register as register_submit
 

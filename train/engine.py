@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.collate import model_inputs
+from data_pipelines.batch.collate import model_inputs
 from train import checkpoint, distributed, flops
 from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
 from train.models.base import ModelFamily

@@ -14,21 +14,21 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.images import decode_image
+from data_pipelines.image.images import decode_image
 from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
 
 
 def first_turn(meta: dict, images: list) -> tuple[str, list, str]:
     """(prompt without placeholders, the images it shows, stripped reference) of a VQA sample's first turn."""
-    from data_pipelines.templates import conversation_turns
+    from data_pipelines.render.templates import conversation_turns
 
     question, reference = conversation_turns(meta["conversations"])[0]
     return question.replace("<image>", "").strip(), images[: question.count("<image>")], reference.strip()
 
 
 def _samples(patterns: list[str]):
-    from data_pipelines.shard_reader import iter_raw_samples
-    from data_pipelines.shards import expand_shard_patterns
+    from data_pipelines.read.shard_reader import iter_raw_samples
+    from data_pipelines.read.shards import expand_shard_patterns
 
     for shard in expand_shard_patterns(patterns):
         for raw in iter_raw_samples(shard):
@@ -38,8 +38,8 @@ def _samples(patterns: list[str]):
 def example_maker(family, model, processor, patterns: list[str], template: str, max_length: int = 4096):
     """raw sample -> Example, made by the training loader's own per-sample path for this export's family (a
     caption sample as a caption source, anything else as VQA). Raises BadSample."""
-    from data_pipelines.loader import MixtureLoader, SourceSpec
-    from data_pipelines.samples import sample_task
+    from data_pipelines.batch.loader import MixtureLoader, SourceSpec
+    from data_pipelines.render.samples import sample_task
 
     image_processor = processor.image_processor
     loader = MixtureLoader(
@@ -52,8 +52,8 @@ def example_maker(family, model, processor, patterns: list[str], template: str, 
 
 @torch.no_grad()
 def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 200, max_new_tokens: int = 32) -> dict:
-    from data_pipelines.collate import collate, model_inputs
-    from data_pipelines.samples import BadSample
+    from data_pipelines.batch.collate import collate, model_inputs
+    from data_pipelines.render.samples import BadSample
     from train.benchmarks.generate import answer
     from train.benchmarks.judge import Judge, reference_score_1_10
     from train.models import family_of_export

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from data_pipelines.collate import collate, model_inputs
-from data_pipelines.example import Example
-from data_pipelines.images import ImageError, decode_image
-from data_pipelines.samples import BadSample
-from data_pipelines.shard_reader import iter_raw_samples
-from data_pipelines.shards import expand_shard_patterns
+from data_pipelines.batch.collate import collate, model_inputs
+from data_pipelines.image.images import ImageError, decode_image
+from data_pipelines.read.shard_reader import iter_raw_samples
+from data_pipelines.read.shards import expand_shard_patterns
+from data_pipelines.render.example import Example
+from data_pipelines.render.samples import BadSample
 from train import distributed
 from train.benchmarks.generate import answer
 from train.benchmarks.metrics import exact_match, rouge_l_chars_f1

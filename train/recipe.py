@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN  # the placeholder in shard text and its token
+from data_pipelines.render.templates import (
+    IMAGE_PLACEHOLDER as IMAGE_TOKEN,  # the placeholder in shard text and its token
+)
 from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the recipe's errors)
 
 COMPONENTS = ("vision_encoder", "projector", "llm")
@@ -189,7 +191,7 @@ class ModelSpec(Strict):
     @classmethod
     def _tokenizer_exists(cls, value: str, info: ValidationInfo) -> str:
         if value.startswith("builtin:"):
-            from data_pipelines.tiny_tokenizer import BUILDERS
+            from data_pipelines.synthetic.tiny_tokenizer import BUILDERS
 
             if value not in BUILDERS:
                 raise ValueError(f"unknown builtin tokenizer {value!r}; valid: {', '.join(BUILDERS)}")
@@ -229,7 +231,7 @@ class DataSource(Strict):
     def _shards_exist(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         if value is None or not _files_checked(info) or not info.context.get("check_data", True):
             return value
-        from data_pipelines.shards import expand_shard_patterns
+        from data_pipelines.read.shards import expand_shard_patterns
 
         synth_out = info.context.get("synth_out")
         for pattern in [value] if isinstance(value, str) else value:

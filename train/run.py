@@ -155,7 +155,7 @@ def export_run(session: RunSession) -> str | None:
 def synthesize_missing_data(recipe: Recipe) -> None:
     if recipe.synthesize is None or (Path(recipe.synthesize.out) / "index.json").is_file():
         return
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
 
     spec = recipe.synthesize
     log.info("synthesizing %d caption + %d VQA samples into %s", spec.samples, spec.samples, spec.out)
@@ -165,7 +165,7 @@ def synthesize_missing_data(recipe: Recipe) -> None:
 def build_processor(recipe: Recipe, cache_dir: Path, stand_in: bool = False):
     """The recipe's tokenizer (image token, chat template) + its family's image processor, as one processor that
     the run saves, so the export ships exactly what trained. `stand_in`: see load_tokenizer (benchmarks)."""
-    from data_pipelines.templates import jinja_chat_template
+    from data_pipelines.render.templates import jinja_chat_template
 
     tokenizer = load_tokenizer(recipe.model, cache_dir, stand_in=stand_in)
     if recipe.template != "chat":

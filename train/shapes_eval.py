@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from data_pipelines.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape
+from data_pipelines.synthetic.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape
 from train.benchmarks.generate import answer
 from train.chat import load_export
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from data_pipelines.collate import model_inputs
+from data_pipelines.batch.collate import model_inputs
 
 
 class _MeanLoss(nn.Module):

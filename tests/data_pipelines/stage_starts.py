@@ -21,9 +21,9 @@ def stage_starts(rank: int, world_size: int, shards: str, tokenizer_dir: str, st
 
     import torch
 
-    from data_pipelines import loader as loader_module
-    from data_pipelines.loader import MixtureLoader, SourceSpec
-    from data_pipelines.tiny_tokenizer import load_or_build_tiny_tokenizer
+    from data_pipelines.batch import loader as loader_module
+    from data_pipelines.batch.loader import MixtureLoader, SourceSpec
+    from data_pipelines.synthetic.tiny_tokenizer import load_or_build_tiny_tokenizer
 
     loader_module.WORKER_START = method
     tokenizer = load_or_build_tiny_tokenizer(tokenizer_dir)
@@ -44,7 +44,7 @@ def stage_starts(rank: int, world_size: int, shards: str, tokenizer_dir: str, st
 
 
 def main() -> None:
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
     from tests.ranks import run_on_ranks
 
     starts = int(sys.argv[1]) if len(sys.argv) > 1 else 5

@@ -3,8 +3,8 @@ import json
 
 from PIL import Image
 
-from data_pipelines.bench import photo_jpeg, register
-from data_pipelines.shards import ShardWriter, iter_raw_samples
+from data_pipelines.read.shards import ShardWriter, iter_raw_samples
+from data_pipelines.tools.bench import photo_jpeg, register
 from tests.conftest import kakehashi
 
 

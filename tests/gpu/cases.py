@@ -123,8 +123,8 @@ def case_compile() -> dict:
 def case_flash() -> dict:
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
         return {"skipped": "flash-attn is not installed" if torch.cuda.is_available() else "needs CUDA"}
-    from data_pipelines.collate import collate
-    from data_pipelines.pack import collate_packed
+    from data_pipelines.batch.collate import collate
+    from data_pipelines.batch.pack import collate_packed
     from tests.train.test_packing import make_example
     from train.models.llava import LLAVA
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.synth_bench import BENCH_TASKS, synth_bench
+from data_pipelines.synthetic.synth_bench import BENCH_TASKS, synth_bench
 from tests.conftest import REPO, kakehashi
 from train.benchmarks import TASKS, metrics
 from train.benchmarks.data import BenchmarkDataError

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
+from data_pipelines.batch.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
 from data_pipelines.errors import TooManyBadSamples
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
-from data_pipelines.shards import expand_shard_patterns
-from data_pipelines.templates import template_format
-from data_pipelines.tokenize import image_token_id
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
+from data_pipelines.read.shards import expand_shard_patterns
+from data_pipelines.render.templates import template_format
+from data_pipelines.render.tokenize import image_token_id
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -37,7 +37,7 @@ STATE_VERSION = 1
 # (a clean-clone run hung so, in os.fork of a stage-2 worker). The forkserver is a fresh single-threaded process;
 # it imports the data path once (PRELOAD), so each worker start is a fork of it plus unpickling the config.
 WORKER_START = "forkserver"
-PRELOAD = ["data_pipelines.loader", "transformers"]
+PRELOAD = ["data_pipelines.batch.loader", "transformers"]
 
 __all__ = ["MixtureLoader", "SourceSpec", "TooManyBadSamples"]
 

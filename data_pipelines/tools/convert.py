@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from data_pipelines.errors import UsageError
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
 from data_pipelines.output import result
-from data_pipelines.shards import ShardWriter, write_manifest
-from data_pipelines.templates import IMAGE_PLACEHOLDER, conversation_turns
+from data_pipelines.read.shards import ShardWriter, write_manifest
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER, conversation_turns
 
 EXT_BY_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

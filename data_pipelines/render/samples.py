@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
-from data_pipelines.shards import RawSample
-from data_pipelines.templates import IMAGE_PLACEHOLDER, Segment, render
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from data_pipelines.read.shards import RawSample
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER, Segment, render
 
 TASK_FIELDS = {"caption": "caption", "vqa": "conversations"}  # task kind -> the JSON field its samples carry
 
