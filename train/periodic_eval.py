@@ -30,6 +30,7 @@ from data_pipelines.read.shard_reader import iter_raw_samples
 from data_pipelines.read.shards import expand_shard_patterns
 from data_pipelines.render.example import Example
 from data_pipelines.render.samples import BadSample
+from data_pipelines.render.tokenize import pad_token_id
 from train import distributed
 from train.benchmarks.generate import answer
 from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
@@ -104,7 +105,7 @@ class PeriodicEval:
         image_processor = processor.image_processor
         self.image_mean, self.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
         tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad_token_id(tokenizer)
 
     def due(self, step: int) -> bool:
         return step % self.stage.eval_every == 0 or step == self.stage.steps

@@ -18,11 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from data_pipelines.render.templates import (
     IMAGE_PLACEHOLDER as IMAGE_TOKEN,  # the placeholder in shard text and its token
 )
+from data_pipelines.render.templates import TEMPLATES as TEMPLATE_FORMATS
 from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the recipe's errors)
 
 COMPONENTS = ("vision_encoder", "projector", "llm")
 Component = Literal["vision_encoder", "projector", "llm"]
-TEMPLATES = ("asagi", "sarashina", "plain", "chat")
+TEMPLATES = tuple(TEMPLATE_FORMATS)  # the templates' names, defined once with their formats
+TemplateName = Literal[TEMPLATES]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
@@ -410,7 +412,7 @@ class Recipe(Strict):
     name: str
     seed: int = 0
     model: ModelSpec
-    template: Literal["asagi", "sarashina", "plain", "chat"] | None = None  # default with model.init: chat (its own)
+    template: TemplateName | None = None               # default with model.init: chat (its own)
     synthesize: Synthesize | None = None
     wandb: dict[str, Any] | None = None                # {project, entity, ...}: logging on when set
     checkpoint: Checkpointing = Checkpointing()
@@ -421,7 +423,7 @@ class Recipe(Strict):
     def _template_given(self) -> Recipe:
         if self.template is None:
             if self.model.init is None:
-                raise ValueError("template: required field is missing (asagi, sarashina, plain or chat)")
+                raise ValueError(f"template: required field is missing ({', '.join(TEMPLATES)})")
             self.template = "chat"  # the checkpoint's own chat template
         return self
 

@@ -27,7 +27,7 @@ from data_pipelines.errors import TooManyBadSamples
 from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
 from data_pipelines.read.shards import expand_shard_patterns
 from data_pipelines.render.templates import template_format
-from data_pipelines.render.tokenize import image_token_id
+from data_pipelines.render.tokenize import image_token_id, pad_token_id
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -120,7 +120,7 @@ class MixtureLoader:
         template_format(template)  # fail now on an unknown template, not at the first sample
         for token in ("<image>", *(image_start_end or ())):
             image_token_id(tokenizer, token)  # fail now if the tokenizer lacks it
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         self.sources = sources
         self.image_mean, self.image_std = image_mean, image_std  # for the caller's `images.normalize`
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
