@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
+# DeepSpeed JIT-builds its CPU ops (the shm all-reduce) into this directory: one per venv, so a venv never loads an
+# op that another DeepSpeed version built (torch's default, ~/.cache/torch_extensions, is shared by every venv)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 RUN    ?= runs/tiny-asagi
 
 .PHONY: install check-lock test-latest lock demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry

@@ -187,7 +187,7 @@ def prepared(args: argparse.Namespace):
     from train.build import build_stage
     from train.data import stage_loader
     from train.models import family_for, model_config
-    from train.models.base import is_stand_in
+    from train.models.tokenizers import is_stand_in
     from train.run import build_processor, synthesize_missing_data
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=False)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from train.models import family_for
-from train.models.base import ModelFamily, load_weights, safetensors_weights
+from train.models.base import ModelFamily
+from train.models.weights import load_weights, safetensors_weights
 from train.recipe import Recipe, Stage
 from train.stages import ResolvedStage, resolve_stage
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from train.models.base import ModelFamily, parameter_size
+from train.models.base import ModelFamily
+from train.models.weights import parameter_size
 
 PEAK_TFLOPS = {  # dense bf16 tensor-core peak per device, from the vendors' datasheets (SXM parts)
     "H200": 989.0,

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from train import distributed, preemption
 from train.errors import Preempted, TokenizerUnavailable
 from train.models import family_for, model_config
-from train.models.base import ModelFamily, load_tokenizer
+from train.models.base import ModelFamily
+from train.models.tokenizers import load_tokenizer
 from train.recipe import Recipe, Stage
 from train.reporting import MetricsLog
 from train.rundir import RunDir, atomic_write_dir
@@ -179,7 +180,7 @@ def model_config_offline(recipe: Recipe):
     import os
     import tempfile
 
-    from train.models.base import llm_config
+    from train.models.configs import llm_config
 
     with tempfile.TemporaryDirectory() as cache:
         try:

@@ -16,7 +16,8 @@ from torch import nn
 
 from train import flops
 from train.errors import RecipeError, UsageError
-from train.models.base import ModelFamily, parameter_size
+from train.models.base import ModelFamily
+from train.models.weights import parameter_size
 from train.recipe import COMPONENTS, Stage
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from tests.conftest import REPO, TINY_RECIPE, kakehashi
 from tests.train.conftest import short_recipe
 from train.errors import TokenizerUnavailable, UsageError
 from train.models import family_for, model_config
-from train.models.base import load_tokenizer
+from train.models.tokenizers import load_tokenizer
 from train.recipe import load_recipe
 
 

@@ -38,7 +38,7 @@ def write_stage_dir(directory, overrides=()) -> dict:
 
 
 def test_safetensors_weights_reads_each_tensor_as_saved(tmp_path):
-    from train.models.base import safetensors_weights
+    from train.models.weights import safetensors_weights
 
     saved = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c": torch.arange(6).reshape(2, 3),
              "d": torch.zeros(0, 4), "e": torch.tensor([True, False])}
@@ -95,8 +95,8 @@ def _build_zero3(rank, world_size, previous, tied):
     import deepspeed
 
     from train.build import build_stage_model
-    from train.models.base import safetensors_weights
     from train.models.llava import LLAVA
+    from train.models.weights import safetensors_weights
 
     recipe, config = recipe_and_config(["stages.1.zero_stage=3"])
     torch.manual_seed(0)
@@ -155,8 +155,8 @@ def _build_zero3_exact(rank, world_size, previous, precision, fp16_supported):
     from deepspeed.accelerator import get_accelerator
 
     from train.build import build_stage_model
-    from train.models.base import safetensors_weights
     from train.models.llava import LLAVA
+    from train.models.weights import safetensors_weights
 
     type(get_accelerator()).is_fp16_supported = lambda self: fp16_supported
     recipe, config = recipe_and_config(["stages.1.zero_stage=3", f"stages.1.precision={precision}"])

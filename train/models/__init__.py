@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 
 from train.errors import UsageError
-from train.models.base import IMAGE_TOKEN, ModelFamily, checkpoint_dir, token_of
+from train.models.base import ModelFamily
 from train.models.llava import LLAVA
 from train.models.qwen2vl import QWEN2VL
+from train.models.tokenizers import IMAGE_TOKEN, token_of
+from train.models.weights import checkpoint_dir
 
 FAMILIES: dict[str, ModelFamily] = {"siglip": LLAVA, "clip": LLAVA, "qwen2_vl": QWEN2VL}
 

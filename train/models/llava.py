@@ -25,23 +25,19 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from train.models import base
-from train.models.base import (
-    IMAGE_TOKEN,
-    ModelFamily,
-    Weight,
+from train.models import weights as weight_files
+from train.models.base import ModelFamily, lm_loss_sum, loss_of, set_loss
+from train.models.configs import (
     checked_config,
-    checkpoint_dir,
     image_processor_class,
     inline_config,
     llm_config,
-    lm_loss_sum,
     load_llm,
-    loss_of,
     own_fields,
     set_attn_implementation,
-    set_loss,
 )
+from train.models.tokenizers import IMAGE_TOKEN
+from train.models.weights import Weight, checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +112,7 @@ class LlavaFamily(ModelFamily):
         set_attn_implementation(model, spec)
         set_loss(model, spec)
         if load_weights:
-            base.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
+            weight_files.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
         return model
 
     def weights(self, spec, config: LlavaConfig, model: LlavaForConditionalGeneration | None = None) -> list[Weight]:
@@ -131,14 +127,14 @@ class LlavaFamily(ModelFamily):
         if spec.vision_encoder.path is not None:
             tower_cls, source = TOWERS[spec.vision_encoder.kind][1], spec.vision_encoder
             log.info("vision encoder weights from %s", source.path)
-            weights += base.module_weights("model.vision_tower.", own(shapes, "model.vision_tower."),
+            weights += weight_files.module_weights("model.vision_tower.", own(shapes, "model.vision_tower."),
                                            lambda: tower_cls.from_pretrained(source.path, revision=source.revision),
                                            shapes)
         if spec.llm.path is not None:
             causal = functools.cache(lambda: load_llm(spec, config.text_config.vocab_size))  # once for both parts
-            weights += base.module_weights("model.language_model.", own(shapes, "model.language_model."),
+            weights += weight_files.module_weights("model.language_model.", own(shapes, "model.language_model."),
                                            lambda: causal().get_decoder(), shapes)
-            weights += base.module_weights("lm_head.", own(shapes, "lm_head."),
+            weights += weight_files.module_weights("lm_head.", own(shapes, "lm_head."),
                                            lambda: causal().get_output_embeddings(), shapes)
         return weights
 
@@ -247,10 +243,10 @@ def init_weights(spec, config: LlavaConfig) -> list[Weight]:
     from_pretrained maps it), its vocabulary grown to `config`'s when kakehashi added tokens to its tokenizer."""
     rows = config.text_config.vocab_size
     weights = []
-    for weight in base.directory_weights(checkpoint_dir(spec.init)):
+    for weight in weight_files.directory_weights(checkpoint_dir(spec.init)):
         name = in_memory_name(weight.name)
-        weight = base.Weight(name, weight.shape, weight.read)
-        weights.append(base.grown_rows(weight, rows) if name in VOCABULARY_ROWS else weight)
+        weight = weight_files.Weight(name, weight.shape, weight.read)
+        weights.append(weight_files.grown_rows(weight, rows) if name in VOCABULARY_ROWS else weight)
     return weights
 
 

@@ -26,24 +26,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from train.models import base
-from train.models.base import (
-    IMAGE_TOKEN,
-    ModelFamily,
-    Weight,
+from train.models import weights as weight_files
+from train.models.base import ModelFamily, lm_loss_sum, loss_of, set_loss
+from train.models.configs import (
     checked_config,
-    checkpoint_dir,
     image_processor_class,
     inline_config,
     llm_config,
-    lm_loss_sum,
     load_llm,
-    loss_of,
     own_fields,
     set_attn_implementation,
-    set_loss,
-    token_of,
 )
+from train.models.tokenizers import IMAGE_TOKEN, token_of
+from train.models.weights import Weight, checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -277,15 +272,15 @@ class Qwen2VLFamily(ModelFamily):
         set_attn_implementation(model.llm, spec)
         set_loss(model, spec)
         if load_weights:
-            base.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
+            weight_files.load_weights(model, self.weights(spec, config, model), strict=spec.init is not None)
         return model
 
     def weights(self, spec, config: Qwen2VLVisionLMConfig, model: Qwen2VLVisionLM | None = None) -> list[Weight]:
         if spec.init is not None:
             log.info("weights from model.init %s", spec.init.path)
             rows = config.text_config.vocab_size
-            return [base.grown_rows(w, rows) if w.name in VOCABULARY_ROWS else w
-                    for w in base.directory_weights(checkpoint_dir(spec.init))]
+            return [weight_files.grown_rows(w, rows) if w.name in VOCABULARY_ROWS else w
+                    for w in weight_files.directory_weights(checkpoint_dir(spec.init))]
         if model is None:  # the names and shapes that `path` components fill (nothing is allocated on meta)
             with torch.device("meta"):
                 model = Qwen2VLVisionLM(config)
@@ -295,7 +290,7 @@ class Qwen2VLFamily(ModelFamily):
             weights += vision_weights(shapes, spec.vision_encoder.path, spec.vision_encoder.revision)
         if spec.llm.path is not None:
             names = [n.removeprefix("llm.") for n in shapes if n.startswith("llm.")]
-            weights += base.module_weights("llm.", names, lambda: load_llm(spec, config.text_config.vocab_size),
+            weights += weight_files.module_weights("llm.", names, lambda: load_llm(spec, config.text_config.vocab_size),
                                            shapes)
         return weights
 
@@ -392,11 +387,11 @@ def vision_weights(shapes: dict, path: str, revision: str | None = None) -> list
                                                                                allow_patterns=["*.safetensors"]))
     own = {n.removeprefix("visual."): shape for n, shape in shapes.items() if n.startswith("visual.")}
     loaded = {}
-    for weight in base.directory_weights(directory):
+    for weight in weight_files.directory_weights(directory):
         key = weight.name
         name = key.removeprefix("model.").removeprefix("visual.") if ".visual." in f".{key}" else None
         if name in own and tuple(weight.shape) == tuple(own[name]):
-            loaded[name] = base.Weight("visual." + name, weight.shape, weight.read)
+            loaded[name] = weight_files.Weight("visual." + name, weight.shape, weight.read)
     if any(k.startswith("merger.") and k not in loaded for k in own):  # a merger to another width: all of it new
         loaded = {k: v for k, v in loaded.items() if not k.startswith("merger.")}
     missing = [k for k in own if k not in loaded and not k.startswith("merger.")]
