@@ -51,6 +51,31 @@ def all_reduce_sum(value):
     return tensor.tolist()
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (a picklable object)."""
+    if world()[1] == 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's `value` (a picklable object), in rank order."""
+    if world()[1] == 1:
+        return [value]
+    gathered = [None] * world()[1]
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
