@@ -15,6 +15,7 @@ EXIT_USAGE = 2        # a bad command line, recipe or path: nothing ran
 EXIT_NONFINITE = 3    # too many non-finite steps in a row; no checkpoint of the bad state
 EXIT_BAD_DATA = 4     # more bad samples than the stage's bad_sample_limit
 EXIT_DISK_FULL = 5    # a checkpoint or stage directory ran out of space; the previous complete state is untouched
+EXIT_STALLED = 6      # no optimizer step within watchdog_s, or a collective failed or timed out (a lost rank)
 EXIT_PREEMPTED = 143  # stopped on SIGTERM / SIGUSR1 after a checkpoint (128 + SIGTERM, as a killed process)
 
 
@@ -44,6 +45,10 @@ class NonFiniteLimit(Exception):
 
 class DiskFull(Exception):
     """A write that ran out of space; what it had written is removed, what was complete before is untouched."""
+
+
+class CollectiveFailed(Exception):
+    """A collective that failed or timed out: another rank died, stopped or is stuck (the lost-rank case)."""
 
 
 def free_space(path: Path) -> str:
@@ -93,6 +98,7 @@ EXIT_CODES: dict[type[BaseException], int] = {  # subclasses map like their base
     NonFiniteLimit: EXIT_NONFINITE,
     TooManyBadSamples: EXIT_BAD_DATA,
     DiskFull: EXIT_DISK_FULL,
+    CollectiveFailed: EXIT_STALLED,
     Preempted: EXIT_PREEMPTED,
 }
 

@@ -11,6 +11,7 @@ OUTPUT/
   export/                     the model in its family's published layout (train/models/)
   wandb.json, wandb/          wandb run ids per stage, and wandb's files
   report/                     `kakehashi report`
+  stalls/rankNNNNN.json       what a rank was doing when its stall watchdog fired (train/watchdog.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from train import checkpoint
 from train.errors import DiskFull, RecipeError, UsageError, free_space, is_disk_full
 
 ENTRIES = ("recipe.yaml", "processor", "cache", "metrics.jsonl", "stages", "checkpoints", "export", "wandb",
-           "wandb.json", "report")
+           "wandb.json", "report", "stalls")
 SUMMARY = "summary.json"  # written last into a stage directory: its presence means the stage is complete
 
 
@@ -65,6 +66,7 @@ class RunDir:
         self.export = self.root / "export"
         self.wandb_ids = self.root / "wandb.json"
         self.report = self.root / "report"
+        self.stalls = self.root / "stalls"
 
     def stage(self, index: int, name: str) -> Path:
         return self.root / "stages" / f"{index + 1:02d}-{name}"
