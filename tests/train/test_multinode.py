@@ -147,3 +147,17 @@ def test_a_killed_worker_of_one_agent_ends_the_whole_job_and_the_rerun_resumes(l
     assert codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
     assert any("at step 4" in output for output in outputs)
     assert_same_losses_and_weights(run, uninterrupted)
+
+
+def test_with_the_watchdog_off_a_stopped_rank_ends_the_job_at_the_collective_timeout(lost_rank_recipe, tmp_path):
+    """The recipe's collective_timeout_s reaches the process group: rank 0's all-reduce gives up on the stopped rank
+    after it, and the run ends with exit 6 and one line naming the collective and where the stage was."""
+    run = tmp_path / "run"
+    stalled = launch(lost_rank_recipe, run, "--no-export", "--set", "stages.1.watchdog_s=0",
+                     "--set", "collective_timeout_s=60", env={"KAKEHASHI_FAULT_STOP": "1:instruct:5"})
+    assert stalled.returncode == EXIT_STALLED, stalled.stderr[-3000:]
+    line = next(line for line in stalled.stderr.splitlines() if "kakehashi: error: rank 0: collective" in line)
+    assert "kakehashi: error: rank 0: collective all_reduce called from train/hooks.py:" in line
+    assert "(stage instruct, after step 5, in the Checkpoints hook after step 5)" in line
+    assert "Timed out waiting 60000ms" in line  # generous: rank 0 alone synthesizes the data meanwhile
+    assert not (run / "stalls").exists()  # the watchdog was off: the collective timeout ended it
