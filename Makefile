@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry test-deepspeed-lowest
 
 $(BIN)/kakehashi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ check-vllm: install  # optional, outside `make test`: vLLM's CPU build (its own 
 	test -f $(RUN)/export/config.json || $(MAKE) demo
 	VENV=.venv-vllm PYTHON=$(PYTHON) bash tests/interop/install_vllm.sh
 	.venv-vllm/bin/python tests/interop/check_vllm.py $(RUN)/export
+
+# Resume reads DeepSpeed's own checkpoint layouts (train/checkpoint.py): the checkpoint tests against the lowest
+# DeepSpeed that pyproject.toml allows, in a venv of their own (outside `make test`); DS_LOWEST=deepspeed==X tries
+# another candidate lower bound (results so far: pyproject.toml)
+DS_LOWEST ?= deepspeed==0.19.8
+DS_VENV   ?= .venv-ds-lowest
+CHECKPOINT_TESTS ?= tests/train/test_failures.py tests/train/test_zero3_elastic.py
+
+test-deepspeed-lowest:
+	test -x $(DS_VENV)/bin/python || $(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(DS_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]' '$(DS_LOWEST)'
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(DS_VENV)/bin/python -m pytest -q $(CHECKPOINT_TESTS)
 
 # The GPU tier (tests/gpu/check.py): wheels made here travel with the tree to a GPU machine without network.
 GPU_PYTHON ?= python3
