@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install check-lock test-latest lock demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install check-lock test-latest lock demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry \
+	test-deepspeed-lowest
 
 # The tested dependency set: every install here takes exactly these versions (pip constraints); pyproject.toml
 # keeps ranges for people who install kakehashi into their own environment.
@@ -61,6 +62,19 @@ check-vllm: install  # optional, outside `make test`: vLLM's CPU build (its own 
 	test -f $(RUN)/export/config.json || $(MAKE) demo
 	VENV=.venv-vllm PYTHON=$(PYTHON) bash tests/interop/install_vllm.sh
 	.venv-vllm/bin/python tests/interop/check_vllm.py $(RUN)/export
+
+# Resume reads DeepSpeed's own checkpoint layouts (train/checkpoint.py): the checkpoint tests against the lowest
+# DeepSpeed that pyproject.toml allows, in a venv of their own (outside `make test`); DS_LOWEST=deepspeed==X tries
+# another candidate lower bound (results so far: pyproject.toml)
+DS_LOWEST ?= deepspeed==0.19.8
+DS_VENV   ?= .venv-ds-lowest
+CHECKPOINT_TESTS ?= tests/train/test_failures.py tests/train/test_zero3_elastic.py
+
+test-deepspeed-lowest:
+	test -x $(DS_VENV)/bin/python || $(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(DS_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]' '$(DS_LOWEST)'
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(DS_VENV)/bin/python -m pytest -q $(CHECKPOINT_TESTS)
 
 # The GPU tier (tests/gpu/check.py): wheels made here travel with the tree to a GPU machine without network.
 GPU_PYTHON ?= python3

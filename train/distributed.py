@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -15,8 +17,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join (or, run alone, create) the process group. Returns (rank, world_size)."""
+DEFAULT_TIMEOUT_S = 600  # the recipe's collective_timeout_s default (train/recipe.py)
+
+
+def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """Join (or, run alone, create) the process group. Returns (rank, world_size).
+
+    `timeout_s` bounds every collective: one that waits longer for a rank (stopped, dead, stuck) raises instead of
+    waiting for ever (gloo; NCCL's own watchdog aborts the process and names the collective)."""
     if not torch.cuda.is_available():
         # must precede the first `import deepspeed`: it picks its accelerator at import time
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -30,7 +38,7 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(
         dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-        timeout=timedelta(minutes=30),
+        timeout=timedelta(seconds=timeout_s),
         verbose=False,
     )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -49,6 +57,56 @@ def all_reduce_sum(value):
         tensor = tensor.to(device())
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (a picklable object)."""
+    if world()[1] == 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's `value` (a picklable object), in rank order."""
+    if world()[1] == 1:
+        return [value]
+    gathered = [None] * world()[1]
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+_C10D = str(Path("torch", "distributed", "distributed_c10d.py"))
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def failed_collective(error: BaseException) -> str | None:
+    """For an error raised inside a torch.distributed collective (a peer that died or stopped answering, a timeout):
+    'all_reduce called from train/engine.py:203 (train_step)'; None for any other error.
+
+    gloo raises a plain RuntimeError, so the collective is read from the traceback: the innermost frame in
+    torch.distributed's collectives module is the collective, the innermost frame of this repository its caller."""
+    if not isinstance(error, RuntimeError):
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    collectives = [f for f in frames if f.filename.endswith(_C10D)]
+    if not collectives and not isinstance(error, torch.distributed.DistError):
+        return None
+    name = collectives[-1].name if collectives else "a collective waited on asynchronously"
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(_REPO) and "site-packages" not in f.filename
+            and Path(f.filename).resolve() != Path(__file__).resolve()]  # this module's wrappers: their caller
+    if not ours:
+        return name
+    caller = ours[-1]
+    return f"{name} called from {Path(caller.filename).resolve().relative_to(_REPO)}:{caller.lineno} ({caller.name})"
 
 
 def barrier() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from data_pipelines.batch.collate import model_inputs
-from train import checkpoint, distributed, flops
+from train import checkpoint, distributed, flops, watchdog
 from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
 from train.models.base import ModelFamily
 from train.recipe import Stage
@@ -154,19 +154,24 @@ def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepR
     """One optimizer step over this rank's micro-batches; every figure returned is summed over all ranks."""
     engine, started = ctx.engine, time.perf_counter()
     # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
+    watchdog.phase(f"step {step}: all-reduce of the target count")
     targets = distributed.all_reduce_sum(sum(b["num_target_tokens"] for b in micro_batches))
     scale = ctx.world_size * ctx.accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
     # the step's figures stay on the device until one all-reduce at its end: no host sync per micro-batch
     figures = torch.tensor([0.0, *counts(ctx, micro_batches)], dtype=torch.float64, device=ctx.device)
-    for batch in micro_batches:
+    for micro, batch in enumerate(micro_batches):
         inputs = model_inputs(batch, ctx.device, ctx.batches.image_mean, ctx.batches.image_std)
+        watchdog.phase(f"step {step}: forward of micro-batch {micro + 1}")
         micro_loss, _ = engine(**inputs)
         if ctx.poison_loss:
             micro_loss = micro_loss * float("nan")
+        watchdog.phase(f"step {step}: backward of micro-batch {micro + 1}")
         engine.backward(micro_loss * scale)
+        watchdog.phase(f"step {step}: optimizer step (micro-batch {micro + 1})")
         engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
         figures[0] += micro_loss.detach().double()
     if ctx.world_size > 1:
+        watchdog.phase(f"step {step}: all-reduce of the step's figures")
         torch.distributed.all_reduce(figures)
     loss_sum, tokens, samples, positions, step_flops = figures.tolist()
     loss = loss_sum / max(targets, 1.0)
@@ -197,12 +202,17 @@ def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     try:
         for hook in hooks:
             hook.start_stage(ctx)
+        watchdog.arm(stage.name, stage.watchdog_s, ctx.start_step)  # from here on, a step at least every watchdog_s
         for step in range(ctx.start_step + 1, stage.steps + 1):
             for hook in hooks:
                 hook.before_step(ctx, step)
+            watchdog.phase(f"loading step {step}'s batches")
             result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+            watchdog.step_done(step)
             for hook in hooks:
+                watchdog.phase(f"the {type(hook).__name__} hook after step {step}")
                 hook.after_step(ctx, result)
+        watchdog.phase("the end of the stage")
         for hook in hooks:
             hook.end_stage(ctx)
     finally:

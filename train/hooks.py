@@ -186,16 +186,17 @@ class PeriodicEvalHook(Hook):
 
 
 class FaultInjection(Hook):
-    """The reliability tests' faults (train/faults.py): a NaN loss on one rank, a kill after a step."""
+    """The reliability tests' faults (train/faults.py): a NaN loss on one rank, a kill or a SIGSTOP after a step."""
 
     def __init__(self, rank: int):
-        self.nan_steps = faults.nan_steps(rank)
+        self.rank, self.nan_steps = rank, faults.nan_steps(rank)
 
     def before_step(self, ctx, step: int) -> None:
         ctx.poison_loss = step in self.nan_steps
 
     def after_step(self, ctx, r) -> None:
         faults.maybe_kill("after_step", ctx.stage.name, r.step)
+        faults.maybe_stop(self.rank, ctx.stage.name, r.step)
 
 
 class Checkpoints(Hook):

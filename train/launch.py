@@ -12,7 +12,9 @@ the torchrun agent above them stays alive meanwhile. Slurm signals the agent (`-
 
 So this agent takes SIGUSR1 and SIGTERM itself: it passes each on to its worker processes (which may get it twice;
 they only set a flag) and keeps supervising them. The workers agree on a step, save a complete checkpoint, rank 0
-requeues the Slurm job, and they exit 143; this agent then exits 143 too. Everything else is plain torchrun.
+requeues the Slurm job, and they exit 143; this agent then exits 143 too. Workers that stalled or lost a rank
+(exit 6: train/watchdog.py, a failed collective) or ran out of disk space (5) make it exit with their code, not
+torchrun's 1. Everything else is plain torchrun.
 A signal that arrives before the workers have started (during rendezvous) is not passed on.
 """
 
@@ -22,7 +24,7 @@ import os
 import signal
 import sys
 
-from train.errors import EXIT_PREEMPTED
+from train.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_STALLED
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_HANDLES = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's defaults less SIGTERM, which is forwarded instead
@@ -69,6 +71,11 @@ def main(argv: list[str]) -> int:
             print(f"train.launch: workers stopped after a checkpoint (exit codes {codes}; signals to this agent: "
                   f"{names})", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
+        for code, what in ((EXIT_DISK_FULL, "ran out of disk space"), (EXIT_STALLED, "stalled or lost a rank")):
+            if code in codes:  # the workers' own exit code, not torchrun's 1: the same in the job's status
+                print(f"train.launch: the workers {what} (exit codes {codes}); run the same command again to "
+                      f"resume from the last complete checkpoint", file=sys.stderr, flush=True)
+                return code
         raise
     return 0
 

@@ -332,6 +332,10 @@ class Stage(Strict):
     lora: StageLora = StageLora()                      # components trained through adapters (must be in `train`)
     vision_encoder_last_blocks: int | None = Field(None, gt=0)  # train only the vision encoder's last k blocks
     data_workers: int = Field(2, ge=0)                 # dataloader worker processes per rank (0: in the main one)
+    # stall watchdog (train/watchdog.py): when no optimizer step completes in this many seconds (data, forward,
+    # backward, collectives, the hooks' checkpoint and eval included), every rank that can logs all its threads'
+    # stacks and exits 6; 0 = off. Well above the slowest step (the first, compiling, included)
+    watchdog_s: int = Field(1800, ge=0)
     bad_sample_limit: float = Field(0.01, ge=0, le=1)  # the stage fails when more of the samples read are bad
     data: list[DataSource] = Field(min_length=1)
     # periodic evaluation (train/periodic_eval.py): every `eval_every` steps and at the stage end; 0 = off
@@ -417,6 +421,9 @@ class Recipe(Strict):
     wandb: dict[str, Any] | None = None                # {project, entity, ...}: logging on when set
     checkpoint: Checkpointing = Checkpointing()
     max_nonfinite_steps: int = Field(3, gt=0)          # skipped steps in a row before the run stops
+    # the process group's timeout: a collective waiting longer for a rank (dead, stopped, stuck) fails and the run
+    # exits 6. Above the longest time the other ranks wait for rank 0 alone (writing a stage's weights, the export)
+    collective_timeout_s: int = Field(600, gt=0)
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from train import distributed, preemption
-from train.errors import Preempted, TokenizerUnavailable
+from train import distributed, preemption, watchdog
+from train.errors import CollectiveFailed, DiskFull, Preempted, TokenizerUnavailable
 from train.models import family_for, model_config
 from train.models.base import ModelFamily
 from train.models.tokenizers import load_tokenizer
@@ -45,7 +45,8 @@ class RunSession:
 def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, resume: str = "auto") -> dict:
     """Train every stage not yet complete in `output`, then export. Returns {"run", "stages", "export"}."""
     preemption.install_handlers()  # before the rendezvous: a signal then must not kill the process outright
-    rank, world_size = distributed.init_distributed()
+    rank, world_size = distributed.init_distributed(recipe.collective_timeout_s)
+    watchdog.start(RunDir(output).stalls, rank)
     try:
         session = start_run(recipe, RunDir(output), force, resume, rank, world_size)
         summaries = [run_stage(session, index) for index in range(len(recipe.stages))]
@@ -56,8 +57,26 @@ def run(recipe: Recipe, output: Path, force: bool = False, export: bool = True, 
         if rank == 0:
             preemption.requeue()
         raise
+    except RuntimeError as err:
+        lost = lost_rank(err, rank)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         distributed.close()
+        watchdog.stop()  # after close: a hang while closing is still ended by the watchdog
+
+
+def lost_rank(error: RuntimeError, rank: int) -> CollectiveFailed | None:
+    """A collective's failure (a peer died, stopped answering past collective_timeout_s) as the one line the run
+    ends with: which collective, called from where, what the stage was doing; None for any other error."""
+    collective = distributed.failed_collective(error)
+    if collective is None:
+        return None
+    doing = watchdog.where()
+    reason = (str(error).strip().splitlines() or [repr(error)])[0][:300]
+    return CollectiveFailed(f"rank {rank}: collective {collective} failed{f' ({doing})' if doing else ''}: another "
+                            f"rank is lost or stuck ({reason})")
 
 
 def start_run(recipe: Recipe, run: RunDir, force: bool, resume: str, rank: int, world_size: int) -> RunSession:
@@ -110,13 +129,23 @@ def train_and_write_stage(session: RunSession, index: int, done: Path) -> dict:
                         keep_last=recipe.checkpoint.keep_last)
     engine, summary = train_stage(family, model, stage, loader, rank=rank, world_size=session.world_size,
                                   hooks=hooks, resume_from=session.resume_from if index == session.first else None)
+    watchdog.phase("consolidating the stage's weights")
     state, record = consolidated_state_dict(family, engine, rank), asdict(summary)
+    full = None
     if rank == 0:
-        write_stage(session, stage, state, record, done)
-        log.info("%s", format_summary(index, len(recipe.stages), record))
+        watchdog.phase(f"writing {done}")
+        try:
+            write_stage(session, stage, state, record, done)
+        except DiskFull as err:  # raised on every rank below, so none waits for rank 0 in a later collective
+            full = err
+        else:
+            log.info("%s", format_summary(index, len(recipe.stages), record))
     if session.metrics is not None and session.metrics.wandb_run is not None:
         session.metrics.wandb_run.finish()
-    distributed.barrier()
+    watchdog.phase("waiting for rank 0 to write the stage directory")
+    if distributed.all_reduce_sum(full is not None):  # also the barrier: the stage directory is written
+        raise full or DiskFull(f"rank 0 ran out of space writing {done} (see its log)")
+    watchdog.disarm()  # between stages: building and loading are bounded by the collective timeout
     return record
 
 

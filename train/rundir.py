@@ -11,6 +11,7 @@ OUTPUT/
   export/                     the model in its family's published layout (train/models/)
   wandb.json, wandb/          wandb run ids per stage, and wandb's files
   report/                     `kakehashi report`
+  stalls/rankNNNNN.json       what a rank was doing when its stall watchdog fired (train/watchdog.py)
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 from train import checkpoint
-from train.errors import RecipeError, UsageError
+from train.errors import DiskFull, RecipeError, UsageError, free_space, is_disk_full
 
 ENTRIES = ("recipe.yaml", "processor", "cache", "metrics.jsonl", "stages", "checkpoints", "export", "wandb",
-           "wandb.json", "report")
+           "wandb.json", "report", "stalls")
 SUMMARY = "summary.json"  # written last into a stage directory: its presence means the stage is complete
 
 
@@ -34,11 +35,20 @@ def is_complete(stage_path: Path) -> bool:
 
 
 def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory through `write(tmp)` into a temporary sibling, then rename it into place."""
+    """Write a directory through `write(tmp)` into a temporary sibling, then rename it into place; a write that
+    runs out of space removes the temporary directory and raises DiskFull."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except Exception as err:  # noqa: BLE001 - a full disk becomes DiskFull; anything else is raised as it is
+        full, free = is_disk_full(err, tmp), free_space(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFull(f"no space left on device writing {final} ({free}); nothing of it was kept; "
+                           f"free space and run the same command again to resume") from None
+        raise
     if final.exists():
         raise UsageError(f"{final} appeared while writing it; refusing to overwrite")
     tmp.rename(final)
@@ -56,6 +66,7 @@ class RunDir:
         self.export = self.root / "export"
         self.wandb_ids = self.root / "wandb.json"
         self.report = self.root / "report"
+        self.stalls = self.root / "stalls"
 
     def stage(self, index: int, name: str) -> Path:
         return self.root / "stages" / f"{index + 1:02d}-{name}"
@@ -124,16 +135,16 @@ class RunDir:
     def resume_point(self, recipe, resume: str) -> tuple[int, Path | None]:
         """(index of the first stage to train, checkpoint to resume it from or None).
 
-        auto: the first unfinished stage, from its newest complete checkpoint if it has one; never: stage 0 from
-        scratch; a path: that checkpoint, which must belong to the first unfinished stage.
+        auto: the first unfinished stage, from its newest complete and intact checkpoint if it has one; never: stage
+        0 from scratch; a path: that checkpoint, which must belong to the first unfinished stage and be intact.
+        Collective: every rank checks a share of the checkpoint's checksums.
         """
         dirs = [self.stage(i, stage.name) for i, stage in enumerate(recipe.stages)]
         first = next((i for i, d in enumerate(dirs) if not is_complete(d)), len(dirs))
         if resume == "never" or first == len(dirs):
             return first, None
         if resume == "auto":
-            found = checkpoint.complete_checkpoints(self.checkpoints(first, recipe.stages[first].name))
-            return first, found[-1] if found else None
+            return first, checkpoint.newest_intact(self.checkpoints(first, recipe.stages[first].name))
         path = Path(resume)
         if not (path / checkpoint.COMPLETE).is_file():
             raise UsageError(f"--resume {resume}: not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
@@ -141,6 +152,9 @@ class RunDir:
         if path.parent.name not in names or path.parent.parent.resolve() != (self.root / "checkpoints").resolve():
             raise UsageError(f"--resume {resume}: not a checkpoint of this run "
                              f"(expected {self.root}/checkpoints/NN-stage/step-N)")
+        problem = checkpoint.damage(path)
+        if problem is not None:
+            raise UsageError(f"--resume {resume}: damaged checkpoint ({problem})")
         index = names.index(path.parent.name)
         if index != first:
             state = "already finished" if index < first else f"after unfinished stage {recipe.stages[first].name}"

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -104,3 +105,25 @@ def torchrun(recipe, output, *args, env=None, nproc=2):
                "-m", "train", str(recipe), "--output", str(output), *map(str, args)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     return run_watched(command, cwd=REPO, env=env)
+
+
+@pytest.fixture
+def small_disk():
+    """mount(path, size_bytes): a size-limited tmpfs at `path` (a full disk, for real); unmounted after the test.
+    Skipped unless root may mount (CI runs as root)."""
+    mounted = []
+
+    def mount(path, size: int):
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

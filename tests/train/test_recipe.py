@@ -123,3 +123,14 @@ def test_missing_recipe_file_is_one_line():
     result = kakehashi("recipe", "check", REPO / "no-such-recipe.yaml")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot read recipe" in result.stderr
+
+
+def test_watchdog_and_collective_timeout_are_recipe_fields_checked_up_front(tmp_path, tiny_recipe_text):
+    recipe = parse_recipe(tiny_recipe_text, overrides=["stages.1.watchdog_s=0", "collective_timeout_s=120"])
+    assert (recipe.stages[0].watchdog_s, recipe.stages[1].watchdog_s, recipe.collective_timeout_s) == (1800, 0, 120)
+    problems = problems_of(tiny_recipe_text, overrides=["stages.0.watchdog_s=-1", "collective_timeout_s=0"])
+    assert any(p.startswith("stages.0.watchdog_s: Input should be greater than or equal to 0") for p in problems)
+    assert any(p.startswith("collective_timeout_s: Input should be greater than 0") for p in problems)
+    result = kakehashi("recipe", "check", TINY_RECIPE, "--set", "stages.1.watchdog_s=soon")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "stages.1.watchdog_s: Input should be a valid integer" in result.stderr

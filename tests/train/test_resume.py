@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import kakehashi
 from tests.train.conftest import losses, short_recipe, torchrun
+from train.checkpoint import manifest
 
 pytestmark = pytest.mark.slow  # whole trainings, killed and resumed
 
@@ -66,6 +68,73 @@ def test_torn_checkpoint_is_skipped_and_the_previous_one_used(recipe, uninterrup
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping torn checkpoint" in resumed.stderr
     assert "at step 4" in resumed.stderr
+    assert_same_run(run, uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def killed_at_7(recipe, tmp_path_factory):
+    """A run killed after step 7 of stage 2: complete checkpoints at steps 4 and 6."""
+    run = tmp_path_factory.mktemp("killed") / "run"
+    killed = kakehashi("train", recipe, "--output", run, "--no-export", env={"KAKEHASHI_FAULT_KILL": "after_step:instruct:7"})
+    assert killed.returncode == -9
+    return run
+
+
+def flip_a_byte(file):
+    """One byte in the middle of the file changed (here: the file holding the AdamW moments, ZeRO-0's model
+    states on one rank); torch's zip reader would load it without complaint."""
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, truncate], ids=["byte-changed", "truncated"])
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(recipe, uninterrupted, killed_at_7, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(killed_at_7, run)
+    newest = run / "checkpoints" / "02-instruct" / "step-0000006"
+    damage(newest / "mp_rank_00_model_states.pt")
+    named = kakehashi("train", recipe, "--output", run, "--no-export", "--resume", newest)
+    assert named.returncode == 2  # named explicitly, a damaged checkpoint is refused: one line, no traceback
+    assert "damaged checkpoint (mp_rank_00_model_states.pt" in named.stderr and "Traceback" not in named.stderr
+
+    resumed = kakehashi("train", recipe, "--output", run, "--no-export")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping damaged checkpoint {newest} (mp_rank_00_model_states.pt" in resumed.stderr
+    assert "at step 4" in resumed.stderr
+    assert_same_run(run, uninterrupted)
+
+
+def size_of(directory):
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one_and_the_rerun_resumes(recipe, uninterrupted,
+                                                                                      tmp_path, small_disk):
+    """checkpoints/ on a tmpfs with room for stage 1's checkpoint and two of stage 2's, and half of a third: the
+    third (step 6) fills it mid-write. After the space is freed (the tmpfs grown) the same command resumes."""
+    align = size_of(uninterrupted / "checkpoints" / "01-align" / "step-0000002")
+    instruct = size_of(uninterrupted / "checkpoints" / "02-instruct" / "step-0000006")
+    run = tmp_path / "run"
+    disk = small_disk(run / "checkpoints", align + 2 * instruct + instruct // 2)
+    full = kakehashi("train", recipe, "--output", run, "--no-export", "--force")  # --force: run/ holds the mount
+    assert full.returncode == 5, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kakehashi: error: no space left on device writing checkpoint {disk}/02-instruct/"
+                           f".tmp-step-0000006 (") and "free of" in last
+    assert "the previous checkpoint step-0000004 and `latest` are untouched" in last and "Traceback" not in full.stderr
+    checkpoints = disk / "02-instruct"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000002", "step-0000004"]
+    assert (checkpoints / "latest").read_text().strip() == "step-0000004"
+
+    subprocess.run(["mount", "-o", f"remount,size={64 << 20}", str(disk)], check=True)  # space freed
+    resumed = kakehashi("train", recipe, "--output", run, "--no-export")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 4" in resumed.stderr and "skipping" not in resumed.stderr
     assert_same_run(run, uninterrupted)
 
 
@@ -139,6 +208,9 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_runs_nothing(recipe
     os.environ["PWNED_MARKER"] = str(marker)
     for state_file in checkpoint.glob("kakehashi-rank*.pt"):
         state_file.write_bytes(pickle.dumps(Payload()))
+    complete = json.loads((checkpoint / "COMPLETE").read_text())
+    complete["files"] = manifest(checkpoint)  # sizes and checksums forged too: the allowlist must still refuse it
+    (checkpoint / "COMPLETE").write_text(json.dumps(complete))
     result = kakehashi("train", recipe, "--output", run, "--no-export", "--resume", checkpoint)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "refusing checkpoint" in result.stderr and "Traceback" not in result.stderr
