@@ -36,6 +36,8 @@ class StepResult:
     positions: int           # padded positions (tokens / positions: the non-pad share)
     flops: float             # model FLOPs (train/flops.py)
     seconds: float
+    lrs: dict[str, float] = field(default_factory=dict)  # param group -> the lr this step used (before the scheduler
+                                                          # moves it on for the next step)
 
 
 @dataclass
@@ -186,6 +188,7 @@ def resume(ctx: StageContext, path: Path) -> None:
 def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepResult:
     """One optimizer step over this rank's micro-batches; every figure returned is summed over all ranks."""
     engine, started = ctx.engine, time.perf_counter()
+    lrs = {group["name"]: group["lr"] for group in ctx.optimizer.param_groups}
     # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
     targets = distributed.all_reduce_sum(sum(b["num_target_tokens"] for b in micro_batches))
     scale = ctx.world_size * ctx.accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
@@ -206,7 +209,7 @@ def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepR
     applied = engine.was_step_applied() and math.isfinite(loss)  # DeepSpeed all-reduces the non-finite flag
     return StepResult(step=step, loss=loss, applied=applied, targets=int(targets),
                       tokens=int(tokens), samples=int(samples), positions=int(positions), flops=step_flops,
-                      seconds=time.perf_counter() - started)
+                      seconds=time.perf_counter() - started, lrs=lrs)
 
 
 def counts(ctx: StageContext, micro_batches: list[dict]) -> list[float]:

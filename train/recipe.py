@@ -21,6 +21,8 @@ from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the
 COMPONENTS = ("vision_encoder", "projector", "llm")
 Component = Literal["vision_encoder", "projector", "llm"]
 TEMPLATES = ("asagi", "sarashina", "plain", "chat")
+SCHEDULES = ("cosine", "wsd", "constant")  # a stage's lr schedule (train/stages.py: lr_multiplier)
+DECAYS = ("linear", "cosine")               # the shape of the wsd schedule's final decay
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
@@ -310,7 +312,12 @@ class Stage(Strict):
     train: list[Component]                             # trained components; the others are frozen
     lr: LearningRates
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)      # linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)      # linear warmup from 0 over this share of the steps, then:
+    schedule: str = "cosine"                           # cosine: decay to min_lr_ratio * lr over the rest;
+                                                       #   wsd: flat at lr, then `decay` over the last decay_ratio;
+                                                       #   constant: flat at lr after the warmup
+    decay_ratio: float | None = Field(None, gt=0, le=1)  # wsd only: share of the steps the final decay takes
+    decay: str = "linear"                              # wsd only: linear | cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     steps: int = Field(gt=0)                           # optimizer steps
     global_batch_size: int = Field(gt=0)               # rows per optimizer step, all ranks
@@ -345,9 +352,35 @@ class Stage(Strict):
             raise ValueError("a component is listed twice")
         return value
 
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        if value not in SCHEDULES:
+            raise ValueError(f"unknown schedule {value!r}; known: {', '.join(SCHEDULES)}")
+        return value
+
+    @field_validator("decay")
+    @classmethod
+    def _known_decay(cls, value: str) -> str:
+        if value not in DECAYS:
+            raise ValueError(f"unknown decay {value!r}; known: {', '.join(DECAYS)}")
+        return value
+
+    def _schedule_problems(self) -> list[str]:
+        if self.schedule != "wsd":
+            # non-defaults only: a resolved recipe (dump_recipe) spells every default out
+            given = ["decay_ratio"] * (self.decay_ratio is not None) + ["decay"] * (self.decay != "linear")
+            return [f"{f} is set but schedule is {self.schedule} (it shapes the wsd schedule only)" for f in given]
+        if self.decay_ratio is None:
+            return ["decay_ratio is missing: schedule wsd decays over the last decay_ratio of the steps"]
+        if self.warmup_ratio + self.decay_ratio > 1:
+            return [f"warmup_ratio {self.warmup_ratio} + decay_ratio {self.decay_ratio} is more than 1: "
+                    "the warmup and the decay overlap"]
+        return []
+
     @model_validator(mode="after")
     def _consistent(self) -> Stage:
-        problems = []
+        problems = self._schedule_problems()
         for component in COMPONENTS:
             lr = getattr(self.lr, component)
             if component in self.train and lr is None:
