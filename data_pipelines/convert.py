@@ -238,10 +238,9 @@ def read_coco(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def register(commands) -> None:
-    """Add `convert llava|jsonl|hf|coco|obelics|mmc4` to the `data` group's subparsers."""
-    from data_pipelines import convert_interleaved
-
+def register(commands):
+    """Add `convert llava|jsonl|hf|coco` to the `data` group's subparsers; returns the kinds' subparsers (where
+    data_pipelines/commands.py adds convert_interleaved's)."""
     convert = commands.add_parser("convert", help="convert LLaVA JSON, JSONL, a HF dataset, COCO captions or "
                                                   "interleaved documents into shards")
     kinds = convert.add_subparsers(dest="convert_kind", metavar="{llava,jsonl,hf,coco,obelics,mmc4}", required=True,
@@ -266,7 +265,7 @@ def register(commands) -> None:
         parser.add_argument("--samples-per-shard", type=int, default=10_000)
         parser.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (1e9)")
         parser.set_defaults(func=cmd_convert)
-    convert_interleaved.register(kinds)
+    return kinds
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipelines.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
 from data_pipelines.errors import TooManyBadSamples
 from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
+from data_pipelines.samples import TASKS
 from data_pipelines.shards import expand_shard_patterns
 from data_pipelines.templates import template_format
 from data_pipelines.tokenize import image_token_id
@@ -38,7 +39,7 @@ __all__ = ["MixtureLoader", "SourceSpec", "TooManyBadSamples"]
 class SourceSpec:
     shards: list[str]  # patterns: paths, globs, brace ranges, pipe:/http(s) URLs
     weight: float  # relative share of micro-batch samples
-    task: Literal["caption", "vqa"]
+    task: str  # one of samples.TASKS
     name: str
 
 
@@ -85,12 +86,14 @@ class MixtureLoader:
                  image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
                  resize_mode: ResizeMode = "squash", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  bad_sample_limit: float = 0.01, prefetch_factor: int = 2, packing: bool = False,
-                 patchify: Callable | None = None, image_start_end: tuple[str, str] | None = None):
+                 patchify: Callable | None = None, image_start_end: tuple[str, str] | None = None,
+                 max_images_per_sample: int | None = None):
         if not sources:
             raise ValueError("a mixture needs at least one source")
         for source in sources:
-            if source.task not in ("caption", "vqa"):
-                raise ValueError(f"source {source.name!r}: task must be 'caption' or 'vqa', got {source.task!r}")
+            if source.task not in TASKS:
+                raise ValueError(f"source {source.name!r}: task must be one of {', '.join(TASKS)}, "
+                                 f"got {source.task!r}")
             if not source.weight > 0:
                 raise ValueError(f"source {source.name!r}: weight must be > 0, got {source.weight}")
         if (tokens_per_image is None) != (patchify is not None):
@@ -118,7 +121,8 @@ class MixtureLoader:
             num_workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer, pad_token_id=pad,
             image_size=image_size, resize_mode=resize_mode, image_transform=image_transform,
             max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit, packing=packing, patchify=patchify,
-            image_start_end=tuple(image_start_end) if image_start_end else None)
+            image_start_end=tuple(image_start_end) if image_start_end else None,
+            max_images_per_sample=max_images_per_sample)
         self._worker_states: list[dict | None] = [None] * self.config.num_workers
         self._batches_returned = 0
         self._iterator: Iterator[dict] | None = None

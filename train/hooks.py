@@ -122,6 +122,8 @@ class Metrics(Hook):
             "nonpad_fraction": r.tokens / r.positions, "tflops_per_device": per_device / 1e12,
             "mfu": None if self.peak is None else per_device / self.peak,
             "bad_samples": ctx.batches.bad_samples(),  # {reason: count} on rank 0
+            **{f"loss/{name}": loss for name, loss in r.source_losses.items()},  # sources in this step only
+            **{f"target_tokens/{name}": n for name, n in r.source_targets.items()},
         })
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from data_pipelines.samples import TASKS  # the source tasks: caption, vqa, interleaved
 from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN  # the placeholder in shard text and its token
 from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the recipe's errors)
 
@@ -218,13 +219,21 @@ def _agree(section: str, given: Any, defaults: Any, init: str, problems: list[st
 
 class DataSource(Strict):
     shards: str | list[str]                            # brace patterns / globs, e.g. data/cap-{000000..000009}.tar
-    weight: float = Field(1.0, gt=0)
-    task: Literal["caption", "vqa"]
-    name: str | None = None
+    weight: float = Field(1.0, gt=0)                   # share of the samples drawn
+    task: str                                          # caption | vqa | interleaved (data_pipelines.samples.TASKS)
+    name: str | None = None                            # default source<i>; metrics log loss/<name>
+    loss_weight: float = Field(1.0, gt=0)              # the source's tokens' weight in the step's loss
 
     @property
     def patterns(self) -> list[str]:
         return [self.shards] if isinstance(self.shards, str) else list(self.shards or ())
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; known: {', '.join(TASKS)}")
+        return value
 
     @field_validator("shards")
     @classmethod
@@ -258,7 +267,7 @@ class EvalSource(DataSource):
     `eval_samples` samples, logged as eval/<name>/<metric>)."""
 
     shards: str | list[str] | None = None
-    task: Literal["caption", "vqa"] | None = None
+    task: str | None = None
     benchmark: str | None = None
     path: str | None = None
 
@@ -336,6 +345,8 @@ class Stage(Strict):
     vision_encoder_last_blocks: int | None = Field(None, gt=0)  # train only the vision encoder's last k blocks
     data_workers: int = Field(2, ge=0)                 # dataloader worker processes per rank (0: in the main one)
     bad_sample_limit: float = Field(0.01, ge=0, le=1)  # the stage fails when more of the samples read are bad
+    max_images_per_sample: int | None = Field(None, gt=0)  # interleaved documents keep their first N images (the
+                                                       #   text around the others stays); None: all that fit
     data: list[DataSource] = Field(min_length=1)
     # periodic evaluation (train/periodic_eval.py): every `eval_every` steps and at the stage end; 0 = off
     eval_every: int = Field(0, ge=0)
@@ -412,6 +423,12 @@ class Stage(Strict):
     def trains(self, component: str) -> bool:
         return component in self.train
 
+    def source_names(self) -> list[str]:
+        """Each `data` source's name as the loader and the metrics (loss/<name>) give it: `name`, else source<i>;
+        a repeated name gets its index."""
+        names = [source.name or f"source{i}" for i, source in enumerate(self.data)]
+        return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
     def lora_components(self) -> dict[str, LoraSpec]:
         return {c: spec for c in ("vision_encoder", "llm") if (spec := getattr(self.lora, c)) is not None}
 
@@ -423,6 +440,7 @@ class Synthesize(Strict):
     samples: int = Field(2000, gt=0)
     seed: int = 0
     image_size: int = Field(64, gt=0)
+    documents: int = Field(0, ge=0)                    # interleaved documents (docs-*.tar; task interleaved)
 
 
 class Checkpointing(Strict):

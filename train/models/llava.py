@@ -29,6 +29,7 @@ from train.models import base
 from train.models.base import (
     IMAGE_TOKEN,
     ModelFamily,
+    SourceTokens,
     Weight,
     checked_config,
     checkpoint_dir,
@@ -313,12 +314,13 @@ class LlavaForTraining(nn.Module):
         super().__init__()
         self.llava = llava
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None,
+                sources: SourceTokens | None = None):
         # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None;
         # position_ids: [B, T] for packed rows (restarting per sample), else None
         assert image_grid_thw is None, "a LLaVA vision tower takes fixed-size images, not dynamic-resolution patches"
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)  # [B, T, D]
-        return lm_loss_sum(hidden, self.llava.lm_head, labels, loss_of(self.llava))
+        return lm_loss_sum(hidden, self.llava.lm_head, labels, loss_of(self.llava), sources)
 
     def logits(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
         return self.llava.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, position_ids))

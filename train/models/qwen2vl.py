@@ -30,6 +30,7 @@ from train.models import base
 from train.models.base import (
     IMAGE_TOKEN,
     ModelFamily,
+    SourceTokens,
     Weight,
     checked_config,
     checkpoint_dir,
@@ -152,10 +153,11 @@ class Qwen2VLVisionLM(nn.Module):
         return self.llm.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
                                                    position_ids))
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None,
+                sources: SourceTokens | None = None):
         """(summed token loss, target count): the engine normalises over every target token of an optimizer step."""
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)
-        return lm_loss_sum(hidden, self.llm.lm_head, labels, loss_of(self))
+        return lm_loss_sum(hidden, self.llm.lm_head, labels, loss_of(self), sources)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
