@@ -273,7 +273,7 @@ class EvalSource(DataSource):
 
     @model_validator(mode="after")
     def _shards_or_benchmark(self, info: ValidationInfo) -> EvalSource:
-        problems = []
+        problems = ["loss_weight weighs training sources only"] if self.loss_weight != 1.0 else []
         if self.benchmark is None:
             problems += [f"{f} is missing (or name a `benchmark` and its `path`)" for f in ("shards", "task")
                          if getattr(self, f) is None]
@@ -479,6 +479,10 @@ class Recipe(Strict):
         zero3 = [stage.name for stage in self.stages if stage.zero_stage == 3]
         if self.model.loss == "liger" and zero3:  # Liger reads the LM head's weight, which ZeRO-3 partitions
             raise ValueError(f"model.loss: liger cannot run under ZeRO-3 (stages {', '.join(zero3)}); use chunked")
+        weighted = [stage.name for stage in self.stages if any(s.loss_weight != 1.0 for s in stage.data)]
+        if self.model.loss == "liger" and weighted:  # its fused kernel keeps no per-token loss to weigh
+            raise ValueError(f"model.loss: liger cannot weigh sources (loss_weight in stages {', '.join(weighted)}); "
+                             "use chunked")
         return self
 
     @model_validator(mode="after")

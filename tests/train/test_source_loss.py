@@ -94,3 +94,21 @@ def test_a_sources_loss_weight_weights_the_step_loss(world, tiny_model, tmp_path
                                                                                                 + 3 * tokens["en"])
     assert record["loss"] == pytest.approx(weighted, rel=1e-6)
     assert record["target_tokens"] == sum(tokens.values())
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda r: r["stages"][1]["data"][0].update(loss_weight=0), "stages.1.data.0.loss_weight: Input should be greater than 0"),
+    (lambda r: r["stages"][1]["data"][0].update(task="documents"), "stages.1.data.0.task: unknown task 'documents'; "
+                                                                   "known: caption, vqa, interleaved"),
+])
+def test_the_recipe_names_a_bad_source_field(change, problem):
+    import yaml
+
+    from tests.conftest import TINY_RECIPE
+    from train.recipe import RecipeError, parse_recipe
+
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    change(recipe)
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(yaml.safe_dump(recipe, allow_unicode=True), check_files=False)
+    assert problem in str(error.value)
