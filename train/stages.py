@@ -158,6 +158,17 @@ def lr_multiplier(stage: Stage):
 assert set(SCHEDULE_FUNCTIONS) == set(SCHEDULES), "every schedule the recipe accepts has its function"
 
 
+def describe_schedule(stage: Stage) -> dict:
+    """The stage's schedule in optimizer steps (1-based, as metrics.jsonl counts them), for `recipe check`:
+    {"kind", "warmup_steps", and for wsd "decay_steps" (the last ones) and "decay"}."""
+    warmup = math.ceil(stage.warmup_ratio * stage.steps)
+    described = {"kind": stage.schedule, "warmup_steps": warmup, "min_lr_ratio": stage.min_lr_ratio}
+    if stage.schedule == "wsd":
+        warmup, decay_start = wsd_phases(stage)
+        described.update(decay_steps=stage.steps - decay_start, decay=stage.decay)
+    return described
+
+
 def zero_stage_on(stage: Stage, world_size: int) -> int:
     """The ZeRO stage a run of `stage` on `world_size` ranks uses: the recipe's, except that an fp32 stage on one
     rank runs ZeRO-1/2 as ZeRO-0. Partitioning over one rank saves nothing and costs a copy of every gradient into
