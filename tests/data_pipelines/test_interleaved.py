@@ -173,3 +173,14 @@ def test_documents_pack_beside_captions_and_vqa_with_their_source_ids(tmp_path, 
     raw = next(iter_raw_samples(f"{tmp_path}/docs-000000.tar"))
     prepared = prepare_sample(raw, task="interleaved", template="asagi", eos_token="</s>", max_images=1)
     assert prepared.num_images == 1 and len(raw.images) > 1
+
+
+def test_preview_and_inspect_show_documents(tmp_path, capsys):
+    shards = write_docs(tmp_path, [("ok", {"document": DOC}, [("png", png_bytes()), ("jpg", jpeg_bytes())])])
+    assert run(["data", "preview", *shards, "--template", "asagi", "--json"]) == 0
+    (sample,) = json.loads(capsys.readouterr().out)["samples"]
+    assert sample["text"] == "図形を順に紹介します。\n<image>\n赤色の円です。\n<image>\n青色の四角形です。</s>"
+    assert sample["targets"] == ["図形を順に紹介します。", "赤色の円です。", "青色の四角形です。</s>"]
+    assert run(["data", "inspect", *shards, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kinds"] == {"interleaved": 1} and report["images_per_sample"] == {"2": 1}
