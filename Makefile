@@ -5,16 +5,37 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install check-lock test-latest lock demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry
 
-$(BIN)/kakehashi: pyproject.toml
+# The tested dependency set: every install here takes exactly these versions (pip constraints); pyproject.toml
+# keeps ranges for people who install kakehashi into their own environment.
+LOCK   := requirements/lock.txt
+PIP     = pip install --quiet --disable-pip-version-check --constraint $(LOCK)
+
+$(BIN)/kakehashi: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU build, so resolving the project does not pull a multi-GB CUDA build
-	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/$(PIP) $(TORCH)
+	$(BIN)/$(PIP) -e '.[test]'
+	$(BIN)/python .ci/lock.py check $(LOCK)
 	touch $@
 
 install: $(BIN)/kakehashi
+
+check-lock: install  # the venv holds exactly the locked set (pip freeze against $(LOCK))
+	$(BIN)/python .ci/lock.py check $(LOCK)
+
+LATEST ?= .venv-latest
+test-latest:  # the suite on the newest releases pyproject.toml admits, in its own venv; prints what moved
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(LATEST)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(LATEST)/bin/python .ci/lock.py diff $(LOCK)
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+lock:  # after test-latest passed: its versions become the tested set
+	$(LATEST)/bin/python .ci/lock.py write $(LOCK)
 
 demo: install
 	DS_ACCELERATOR=cpu $(BIN)/kakehashi train recipes/tiny/asagi-2stage.yaml --output $(RUN)
@@ -24,7 +45,7 @@ demo: install
 	$(BIN)/kakehashi eval $(RUN)/export --task ja-vg-vqa-500 --data data/bench/ja-vg-vqa-500 \
 		--predictions $(RUN)/ja-vg-vqa-500-predictions.jsonl
 
-test: install lint
+test: install lint check-lock
 	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 test-fast: install  # the edit loop: no whole trainings, no Slurm
@@ -52,4 +73,4 @@ gpu-check-dry: install  # here, without a GPU: the same steps; GPU tests skip, c
 	DS_ACCELERATOR=cpu $(BIN)/python tests/gpu/check.py run --dry-run --wheels wheels --out runs/gpu-check-dry
 
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) $(LATEST) runs data

@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,12 +12,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def kakehashi(*args, cwd=None, env=None, timeout=900):
-    """Run the real console entry point in a fresh process; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "train.cli", *map(str, args)],
-        cwd=cwd or REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
+def kakehashi(*args, cwd=None, env=None):
+    """Run the real console entry point in a fresh process; returns the CompletedProcess (waited on while it makes
+    progress: tests/processes.py)."""
+    from tests.processes import run_watched
+
+    return run_watched([sys.executable, "-m", "train.cli", *map(str, args)], cwd=cwd or REPO,
+                       env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

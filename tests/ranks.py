@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import socket
+import time
 import traceback
 
-TIMEOUT = 600  # seconds for all ranks together: a bound for a loaded machine, not a timing
+HANG_S = 1800  # only a hang reaches this: a rank that ends without a result fails the wait at once
 
 
 def _free_port() -> int:
@@ -45,11 +47,22 @@ def run_on_ranks(fn, *args, world_size: int = 2) -> list:
         process.start()
     collected = {}
     try:
-        for _ in range(world_size):
-            rank, status, value = results.get(timeout=TIMEOUT)
+        started, dead = time.monotonic(), []
+        while len(collected) < world_size:
+            try:
+                # after a rank is seen dead, one longer look: it may have put its result just before exiting
+                rank, status, value = results.get(timeout=30 if dead else 1)
+            except queue.Empty:
+                if dead:  # a rank process that exited (killed, crashed in C) never puts a result: fail now
+                    raise AssertionError(f"ranks {dead} ended without a result (exit codes "
+                                         f"{[processes[r].exitcode for r in dead]})") from None
+                dead = [r for r, p in enumerate(processes) if r not in collected and p.exitcode is not None]
+                if time.monotonic() - started > HANG_S:
+                    raise AssertionError(f"no result from every rank in {HANG_S} s: taken as a hang") from None
+                continue
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
+            collected[rank], dead = value, []
     finally:
         for process in processes:
             process.join(timeout=60)

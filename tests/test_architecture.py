@@ -73,8 +73,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_sees_function_level_imports_and_subpackages():
     data, train = import_graph("data_pipelines"), import_graph("train")
-    assert {"convert", "verify", "cli_common"} <= data["commands"]
-    assert "loader" in data["bench"]  # imported inside loader_samples_per_s
+    assert {"tools.convert", "tools.verify", "tools.cli_common"} <= data["tools.commands"]
+    assert "batch.loader" in data["tools.bench"]  # imported inside loader_samples_per_s
     assert {"models", "models.base"} <= train["run"] and "lora" in train["stages"]  # lora: inside plan_stage
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
@@ -88,9 +88,46 @@ def test_modules_of_a_package_import_each_other_without_cycles(package):
 def test_shared_modules_stay_below_the_commands_that_use_them():
     data, train = import_graph("data_pipelines"), import_graph("train")
     assert data["errors"] == set() and data["output"] == set() and train["errors"] == set()
-    assert not data["cli_common"] & {"commands", "convert", "verify", "bench"}
+    assert not data["tools.cli_common"] & {"tools.commands", "tools.convert", "tools.verify", "tools.bench"}
     families = {m for m in train if m == "models" or m.startswith("models.")}
     assert set().union(*(train[m] for m in families)) - families <= {"errors"}  # families know no run, recipe, loop
+
+
+def test_no_module_under_train_imports_the_cli():
+    # the CLI is a front-end over the library: library code reached from it (periodic eval, the bench) must not
+    # reach back into it; the `python -m train` entry point is a front-end too
+    front_ends = {"cli", "__main__"}
+    graph = import_graph("train")
+    graph["__main__"] = imported(REPO / "train" / "__main__.py", "train", set(graph))
+    importers = sorted(name for name, targets in graph.items() if "cli" in targets and name not in front_ends)
+    assert not importers, f"modules importing train.cli: {importers}"
+    assert "cli" in graph["__main__"]  # the scan sees the one import that is allowed
+
+
+def test_each_metric_name_says_its_scale():
+    from train.benchmarks import metrics
+
+    assert not hasattr(metrics, "rouge_l")  # which one? eval-mm's 0-100 MeCab one and ours 0-1 per character differ
+    assert metrics.rouge_l_mecab_pct("赤色です。", "赤色です。") == 100.0
+    assert metrics.rouge_l_chars_f1("赤色です。", "赤色です。") == 1.0
+
+
+DATA_PATH = ("read", "image", "render", "batch")  # data_pipelines' sub-packages, in the order data flows
+
+
+def test_the_data_path_flows_one_way():
+    """A step of the data path imports only the steps before it (and errors/output), never the command-line tools
+    or the synthetic sets beside it."""
+    graph = import_graph("data_pipelines")
+    backwards = []
+    for name, targets in graph.items():
+        step = name.split(".")[0]
+        if step not in DATA_PATH:
+            continue
+        allowed = set(DATA_PATH[:DATA_PATH.index(step) + 1]) | {"errors", "output"}
+        backwards += [f"{name} -> {t}" for t in targets if t.split(".")[0] not in allowed]
+    assert not backwards, "the data path imports against its flow: " + "; ".join(sorted(backwards))
+    assert "read.shard_reader" in graph["batch.batches"]  # the scan sees the imports it judges
 
 
 def family_branches(path: Path) -> list[str]:

@@ -184,6 +184,7 @@ def prepared(args: argparse.Namespace):
     import torch
 
     from train import distributed
+    from train.build import build_stage
     from train.data import stage_loader
     from train.models import family_for, model_config
     from train.models.base import is_stand_in
@@ -208,10 +209,15 @@ def prepared(args: argparse.Namespace):
             family, processor = family_for(recipe.model), build_processor(recipe, work / "cache", stand_in=True)
             config = model_config(recipe.model, processor.tokenizer)
             family.reduce_depth(config, args.llm_layers, args.vision_layers)
-            torch.manual_seed(recipe.seed)
-            model = family.build(recipe.model, config, load_weights=False)  # random weights: nothing to download
-            loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
-            yield Prepared(recipe, stage, family, model, loader, work, rank, world_size, config,
+            if args.runner == "ours":  # built as `kakehashi train` builds it (dtype, ZeRO-3 partitioning), random
+                built = build_stage(recipe, index, processor, config, rank=rank, world_size=world_size, load=False)
+                model, loader, zero_stage = built.model, built.loader, built.resolved.zero_stage
+            else:  # Trainer trains a plain model (its own mixed precision, no ZeRO)
+                torch.manual_seed(recipe.seed)
+                model = family.build(recipe.model, config, load_weights=False)
+                loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
+                zero_stage = None
+            yield Prepared(recipe, stage, family, model, loader, work, rank, world_size, zero_stage, config,
                            "stand-in" if is_stand_in(processor.tokenizer) else "recipe")
         finally:
             distributed.close()
@@ -227,6 +233,7 @@ class Prepared:
     work: Path
     rank: int
     world_size: int
+    zero_stage: int | None   # the ZeRO stage our run trains with (train/stages.py resolve_stage); Trainer: none
     config: object
     tokenizer: str           # "recipe", or "stand-in" where the recipe's is not on this machine
 
@@ -299,8 +306,9 @@ def measure(args: argparse.Namespace) -> dict:
         "peak_mem_bytes": int(peak), "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
         **({"peak_tensor_bytes": tracker.peak} if tracker else {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_size": world_size, "precision": stage.precision, "max_length": stage.max_length,
-        "micro_batch_size": stage.micro_batch_size, "global_batch_size": stage.global_batch_size,
+        "world_size": world_size, "zero_stage": run.zero_stage, "precision": stage.precision,
+        "max_length": stage.max_length, "micro_batch_size": stage.micro_batch_size,
+        "global_batch_size": stage.global_batch_size,
         **shape, **_positions(positions, len(timed), stage, world_size, shape["vocab_size"]),
     }
 
@@ -309,16 +317,16 @@ def _positions(positions: int, steps: int, stage, world_size: int, vocab_size: i
     """Token positions (pad included) per micro-batch, the mean over ranks and steps (step records sum all ranks'),
     and what the `full` loss holds of them at once (fp32 logits), which `chunked` never does: the figure its peak
     saving is held to."""
-    from train.engine import deepspeed_config
+    from train.stages import resolve_stage
 
-    accumulation = deepspeed_config(stage, world_size)["gradient_accumulation_steps"]  # micro-batches per step
+    accumulation = resolve_stage(stage, world_size).accumulation  # micro-batches per step
     per_micro_batch = round(positions / (steps * accumulation * world_size))
     return {"positions_per_micro_batch": per_micro_batch, "full_logits_bytes": per_micro_batch * vocab_size * 4}
 
 
 def _use_synthetic_data(recipe: Recipe, index: int, out: Path, samples: int) -> None:
     """Point the stage's sources at freshly synthesized shapes shards of their task (captions or VQA)."""
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
 
     synthesize(out, samples=samples, seed=recipe.seed)
     for source in recipe.stages[index].data:

@@ -20,50 +20,74 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from train.models import family_for
 from train.models.base import ModelFamily, load_weights, safetensors_weights
-from train.recipe import Stage
+from train.recipe import Recipe, Stage
+from train.stages import ResolvedStage, resolve_stage
 
 log = logging.getLogger(__name__)
 
 
-def stage_dtype(stage: Stage) -> torch.dtype:
-    return torch.bfloat16 if stage.precision == "bf16" else torch.float32
+@dataclass
+class StageBuild:
+    """What a stage needs to train, assembled in one place for `kakehashi train` and `bench train`."""
+
+    resolved: ResolvedStage  # the settings it runs with on these ranks
+    model: nn.Module         # in the stage's dtype; under ZeRO-3 partitioned as it was built
+    loader: object           # the stage's MixtureLoader, this rank's split
+
+
+def build_stage(recipe: Recipe, index: int, processor, config, *, rank: int, world_size: int,
+                previous: Path | None = None, load: bool = True) -> StageBuild:
+    """Stage `index` of `recipe` as a run trains it: its resolved settings, its model (from the `previous` stage
+    directory, else the recipe's weights with `load`, else random) and its loader. Seeds torch with the recipe's
+    seed first, so random-init components are the same on every rank and in every caller."""
+    from train.data import stage_loader
+
+    stage = recipe.stages[index]
+    resolved = resolve_stage(stage, world_size)  # a batch that does not divide fails before anything is built
+    torch.manual_seed(recipe.seed)
+    model = build_stage_model(family_for(recipe.model), recipe.model, config, stage, world_size, previous, load)
+    loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
+    return StageBuild(resolved, model, loader)
 
 
 def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_size: int, previous: Path | None,
                       load: bool = True) -> nn.Module:
     """The stage's model: from `previous` (a stage directory) when given, else the recipe's weights (`load`) over
     the family's random init. Seed torch first: random-init components are the same on every rank."""
-    partitioned = stage.zero_stage == 3
+    resolved = resolve_stage(stage, world_size)
+    partitioned = resolved.partitioned
     if partitioned:
         # zero.Init records the __init__ of each nn.Module class defined inside it and puts it back on exit: a class
         # that transformers imports lazily there and then decorates (use_kernelized_func wraps __init__) would lose
         # the decorator's __init__ for the rest of the process. A build on the meta device imports them first.
         with torch.device("meta"):
             family.build(spec, config, load_weights=False)
-    with construction(stage, world_size):
+    with construction(resolved):
         model = family.build(spec, config, load_weights=False)
-    check_dtype(model, stage)
+    check_dtype(model, resolved)
     if partitioned:
         finish_partitioned(model, initialise=previous is None)
     if previous is not None:
         weights, strict = safetensors_weights(previous / "model.safetensors"), True
     else:
-        weights, strict = (family.weights(spec, config, model) if load else []), spec.init is not None
+        weights, strict = (family.weights(spec, config, model), spec.init is not None) if load else ([], False)
     count = load_weights(model, weights, strict=strict, gathered=gathered if partitioned else None)
-    log.info("stage %s: model built in %s%s, %d weight tensors loaded%s", stage.name, stage_dtype(stage),
+    log.info("stage %s: model built in %s%s, %d weight tensors loaded%s", stage.name, resolved.dtype,
              f", partitioned over {world_size} ranks (ZeRO-3)" if partitioned else "", count,
              f" from {previous}" if previous is not None else "")
     return model
 
 
 @contextmanager
-def construction(stage: Stage, world_size: int):
+def construction(resolved: ResolvedStage):
     """Where the stage's model is built: parameters created in the stage's dtype; under ZeRO-3 inside
     zero.Init. There, transformers' own init is deferred (it would run on the then-empty partitions and mark them
     done; finish_partitioned runs it afterwards), as transformers' from_pretrained does under ZeRO-3.
@@ -72,34 +96,32 @@ def construction(stage: Stage, world_size: int):
     `dtype` as `dtype or fp16 if accelerator.is_fp16_supported() else bf16 ...`, so on an accelerator without fp16
     (a CPU without AVX512-FP16/AMX-FP16) any dtype given, fp32 included, becomes bf16, and every floating tensor
     created inside the context is rounded through bf16. From a config the dtype is the config's bf16 switch."""
-    dtype, before = stage_dtype(stage), torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(resolved.dtype)
     try:
         with ExitStack() as stack:
-            if stage.zero_stage == 3:
+            if resolved.partitioned:
                 import deepspeed
                 from transformers import initialization
                 from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
                 stack.enter_context(initialization.no_init_weights())
                 stack.enter_context(prevent_arange_dtype_change())  # RoPE's fp32 buffers stay fp32
-                from train.engine import deepspeed_config
-
                 deepspeed.init_distributed(verbose=False)  # the config's batch check reads deepspeed.comm's world
-                stack.enter_context(deepspeed.zero.Init(config_dict_or_path=deepspeed_config(stage, world_size)))
+                stack.enter_context(deepspeed.zero.Init(config_dict_or_path=resolved.deepspeed_config()))
             yield
     finally:
         torch.set_default_dtype(before)
 
 
-def check_dtype(model: nn.Module, stage: Stage) -> None:
+def check_dtype(model: nn.Module, resolved: ResolvedStage) -> None:
     """Every floating parameter is held in the stage's dtype (under ZeRO-3: its partition), or the build is wrong."""
-    dtype = stage_dtype(stage)
+    dtype = resolved.dtype
     wrong = [(name, held.dtype) for name, p in model.named_parameters()
              for held in [getattr(p, "ds_tensor", None) if hasattr(p, "ds_id") else p]
              if held is not None and held.is_floating_point() and held.dtype != dtype]
     if wrong:
-        raise RuntimeError(f"stage {stage.name}: {len(wrong)} parameters built in another dtype than {dtype}, "
+        raise RuntimeError(f"stage {resolved.stage.name}: {len(wrong)} parameters built in another dtype than {dtype}, "
                            f"e.g. {wrong[0][0]} in {wrong[0][1]}")
 
 

@@ -146,7 +146,7 @@ def load(engine, path: Path, rank: int, world_size: int, zero_stage: int) -> dic
     """Restore engine (model, optimizer, scheduler) and RNG; returns this rank's state.
 
     On another number of ranks than it was saved on (elastic resume; any ZeRO stage), or in the other optimizer
-    layout (fp32 ZeRO-1/2 runs as ZeRO-0 on one rank: train/stages.py zero_stage_on), the weights, optimizer state
+    layout (fp32 ZeRO-1/2 runs as ZeRO-0 on one rank: train/stages.py resolve_stage), the weights, optimizer state
     (re-cut), step and learning-rate schedule carry over, and the data position by sample count (rank 0's state is
     returned); the RNG streams of other ranks do not.
     """

@@ -122,6 +122,10 @@ def cmd_recipe_check(args) -> int:
         raise UsageError(f"--gpu-memory: {err}") from None
     if gpu_memory and not args.gpus:
         raise UsageError("--gpu-memory needs --gpus (the memory per GPU depends on how many share the run)")
+    if args.gpus:
+        from train.submit import check_batch_sizes
+
+        check_batch_sizes(recipe, args.gpus)  # what submit and the run refuse on that many ranks
     report = recipe_report(recipe, args.gpus, gpu_memory)
     if args.json:
         result_json(report)
@@ -160,7 +164,8 @@ def cmd_export(args) -> int:
 def cmd_chat(args) -> int:
     from PIL import Image
 
-    from train.chat import answer, load_export
+    from train.benchmarks.generate import answer
+    from train.chat import load_export
 
     model, processor = load_export(args.model)
     image = Image.open(args.image).convert("RGB")
@@ -205,7 +210,7 @@ def cmd_eval(args) -> int:
     judge = "" if report["judge"] is None else f", judge {report['judge']:.2f}"
     result(f"loss {report['loss']:.4f} over {report['samples']} samples ({report['bad_samples']} bad); "
            f"VQA ({report['vqa_samples']}): exact match {report['exact_match']:.1%}, "
-           f"ROUGE-L {report['rouge_l']:.3f}{judge}")
+           f"ROUGE-L (chars, F1) {report['rouge_l_chars_f1']:.3f}{judge}")
     for source, loss in report["loss_by_source"].items():
         result(f"  {source}: loss {loss:.4f}")
     return 0
@@ -224,8 +229,8 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_pipelines.bench import register as register_data_bench
-    from data_pipelines.commands import register as register_data
+    from data_pipelines.tools.bench import register as register_data_bench
+    from data_pipelines.tools.commands import register as register_data
     from train.bench import register as register_train_bench
     from train.submit import register as register_submit
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from data_pipelines.loader import MixtureLoader, SourceSpec
+from data_pipelines.batch.loader import MixtureLoader, SourceSpec
 from train.models import family_for
 from train.recipe import DataSource, Recipe
 

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.collate import model_inputs
-from data_pipelines.tokenize import IGNORE_INDEX
+from data_pipelines.batch.collate import model_inputs
+from data_pipelines.render.tokenize import IGNORE_INDEX
 from train import checkpoint, distributed, flops
-from train.errors import UsageError
 from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
 from train.models.base import ModelFamily, SourceTokens
 from train.recipe import Stage
-from train.stages import StagePlan, build_optimizer, optimizer_clips, plan_stage, zero_stage_on
+from train.stages import ResolvedStage, StagePlan, build_optimizer, plan_stage, resolve_stage
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ class StageContext:
 
     family: ModelFamily
     stage: Stage
+    resolved: ResolvedStage  # what the stage runs as on these ranks (train/stages.py resolve_stage)
     engine: object           # deepspeed.DeepSpeedEngine around family.training_module(model)
     optimizer: torch.optim.Optimizer
     plan: StagePlan
@@ -66,44 +66,12 @@ class StageContext:
     source_weights: list[float] = field(default_factory=list)  # their loss_weight
 
 
-# ZeRO-3 steps the optimizer one sub-group of parameters at a time, and each step holds the sub-group's fp32 gradients
-# (4 bytes a parameter; the fused AdamW allocates nothing more) on top of the model states. DeepSpeed's default of 1e9
-# parameters, with the per-tensor AdamW's temporaries, made the step and not the forward and backward the peak of the
-# Asagi-2B stage-2 bench on one rank; at 1e8 the step stays below them (README, "Throughput").
-ZERO3_SUB_GROUP = 100_000_000
-
-
-def deepspeed_config(stage: Stage, world_size: int) -> dict:
-    per_step = stage.micro_batch_size * world_size
-    if stage.global_batch_size % per_step:
-        raise UsageError(
-            f"stage {stage.name}: global_batch_size {stage.global_batch_size} is not a multiple of "
-            f"micro_batch_size x ranks = {stage.micro_batch_size} x {world_size}"
-        )
-    zero = {"stage": zero_stage_on(stage, world_size)}
-    if zero["stage"] == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, sub_group_size=ZERO3_SUB_GROUP)
-    return {
-        "train_batch_size": stage.global_batch_size,
-        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
-        "gradient_accumulation_steps": stage.global_batch_size // per_step,
-        "gradient_clipping": 0.0 if optimizer_clips(stage, world_size) else stage.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": stage.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam would JIT-compile
-        "steps_per_print": 2**31,
-        "wall_clock_breakdown": False,
-    }
-
-
-def enable_fast_paths(family: ModelFamily, model, stage: Stage) -> None:
+def enable_fast_paths(family: ModelFamily, model, resolved: ResolvedStage) -> None:
     """The stage's activation checkpointing (per component) and torch.compile of the LLM's decoder layers."""
-    checkpointed = (["vision_encoder", "llm"] if stage.gradient_checkpointing is True
-                    else stage.gradient_checkpointing or [])
     parts = family.towers(model)
-    for component in checkpointed:  # non-reentrant: works with frozen inputs and under ZeRO-3
+    for component in resolved.checkpointed:  # non-reentrant: works with frozen inputs and under ZeRO-3
         parts[component].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if stage.compile:
+    if resolved.stage.compile:
         for layer in parts["llm"].layers:  # per block: the graphs stay small and ZeRO hooks stay outside
             layer.compile()
 
@@ -153,19 +121,19 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     """Plan the stage, enable its fast paths, build the optimizer and the DeepSpeed engine, and resume."""
     import deepspeed
 
+    resolved = resolve_stage(stage, world_size)
     plan = plan_stage(family, model, stage)  # before ZeRO-3 partitions the parameters
     log.info("stage %s plan:\n%s", stage.name, plan.describe())
-    enable_fast_paths(family, model, stage)
-    optimizer, scheduler = build_optimizer(family, model, stage, world_size)
-    config = deepspeed_config(stage, world_size)
-    if config["zero_optimization"]["stage"] != stage.zero_stage:
+    enable_fast_paths(family, model, resolved)
+    optimizer, scheduler = build_optimizer(family, model, stage, resolved)
+    if resolved.zero_stage != stage.zero_stage:
         log.info("stage %s: ZeRO-%d on one rank runs as ZeRO-0 (nothing to partition)", stage.name, stage.zero_stage)
     engine, _, _, _ = deepspeed.initialize(model=family.training_module(model), optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=config)
-    if world_size == 1 and config["zero_optimization"]["stage"] == 0:
+                                           lr_scheduler=scheduler, config=resolved.deepspeed_config())
+    if world_size == 1 and resolved.zero_stage == 0:
         engine.enable_backward_allreduce = False  # ZeRO-0 all-reduces every gradient: over one rank, copies for nothing
-    ctx = StageContext(family=family, stage=stage, engine=engine, optimizer=optimizer, plan=plan,
-                       batches=BatchStream(loader), accumulation=config["gradient_accumulation_steps"], rank=rank,
+    ctx = StageContext(family=family, stage=stage, resolved=resolved, engine=engine, optimizer=optimizer, plan=plan,
+                       batches=BatchStream(loader), accumulation=resolved.accumulation, rank=rank,
                        world_size=world_size, device=distributed.device(),
                        image_token_id=model.config.image_token_index,
                        vision_length=family.vision_length(model.config), hooks=hooks,
@@ -177,8 +145,7 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
 
 def resume(ctx: StageContext, path: Path) -> None:
     """Restore the engine, the data position and the hooks' state from a checkpoint."""
-    state = checkpoint.load(ctx.engine, path, ctx.rank, ctx.world_size,
-                            zero_stage_on(ctx.stage, ctx.world_size))
+    state = checkpoint.load(ctx.engine, path, ctx.rank, ctx.world_size, ctx.resolved.zero_stage)
     ctx.start_step = state["step"]
     if state["world_size"] == ctx.world_size:
         ctx.batches.load_state_dict(state["data"])
@@ -292,16 +259,19 @@ def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     hooks = [totals, *(stage_hooks(stage, rank=rank) if hooks is None else hooks)]
     ctx = setup_stage(family, model, stage, loader, rank=rank, world_size=world_size, hooks=hooks,
                       resume_from=resume_from)
-    for hook in hooks:
-        hook.start_stage(ctx)
-    for step in range(ctx.start_step + 1, stage.steps + 1):
+    try:
         for hook in hooks:
-            hook.before_step(ctx, step)
-        result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+            hook.start_stage(ctx)
+        for step in range(ctx.start_step + 1, stage.steps + 1):
+            for hook in hooks:
+                hook.before_step(ctx, step)
+            result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+            for hook in hooks:
+                hook.after_step(ctx, result)
         for hook in hooks:
-            hook.after_step(ctx, result)
-    for hook in hooks:
-        hook.end_stage(ctx)
+            hook.end_stage(ctx)
+    finally:
+        ctx.batches.close()  # the workers joined now: none outlives its stage into the next one's start
     return ctx.engine, totals.summary(ctx)
 
 

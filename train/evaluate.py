@@ -2,79 +2,33 @@
 
 Generation metrics, as Japanese VLM benchmarks report them:
   exact match    the answer equals the reference after stripping whitespace and the EOS
-  ROUGE-L        character-level LCS F1 (JA-VG-VQA-500 style: Japanese has no spaces to split words on)
+  ROUGE-L        rouge_l_chars_f1: character-level LCS F1, 0-1 (Japanese has no spaces to split words on)
   judge          optional (Heron-Bench style): an OpenAI-compatible chat endpoint scores each answer 1-10;
                  off unless KAKEHASHI_JUDGE_URL is set (KAKEHASHI_JUDGE_MODEL, KAKEHASHI_JUDGE_KEY optional)
 """
 
 from __future__ import annotations
 
-import json
-import os
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from data_pipelines.images import decode_image
-
-JUDGE_PROMPT = (
-    "次の質問に対する回答を、参照回答と比べて1から10の整数で採点してください。数字だけを答えてください。\n"
-    "質問: {question}\n参照回答: {reference}\n回答: {answer}"
-)
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """Character-level ROUGE-L F1: 2PR / (P + R) over the longest common subsequence of characters."""
-    if not candidate or not reference:
-        return float(candidate == reference)
-    previous = [0] * (len(reference) + 1)
-    for a in candidate:
-        current = [0]
-        for j, b in enumerate(reference):
-            current.append(previous[j] + 1 if a == b else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(candidate), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def exact_match(answer: str, reference: str) -> float:
-    return float(answer.strip() == reference.strip())
+from data_pipelines.image.images import decode_image
+from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
 
 
 def first_turn(meta: dict, images: list) -> tuple[str, list, str]:
     """(prompt without placeholders, the images it shows, stripped reference) of a VQA sample's first turn."""
-    from data_pipelines.templates import conversation_turns
+    from data_pipelines.render.templates import conversation_turns
 
     question, reference = conversation_turns(meta["conversations"])[0]
     return question.replace("<image>", "").strip(), images[: question.count("<image>")], reference.strip()
 
 
-def judge_score(question: str, reference: str, answer: str, url: str) -> float | None:
-    """Ask an OpenAI-compatible /chat/completions endpoint for a 1-10 score; None when it gives no number."""
-    body = {
-        "model": os.environ.get("KAKEHASHI_JUDGE_MODEL", "judge"),
-        "messages": [{"role": "user",
-                      "content": JUDGE_PROMPT.format(question=question, reference=reference, answer=answer)}],
-        "temperature": 0,
-    }
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("KAKEHASHI_JUDGE_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['KAKEHASHI_JUDGE_KEY']}"
-    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers)
-    with urllib.request.urlopen(request, timeout=60) as response:
-        text = json.load(response)["choices"][0]["message"]["content"]
-    digits = "".join(ch for ch in text.strip() if ch.isdigit())
-    return float(digits) if digits and 1 <= int(digits) <= 10 else None
-
-
 def _samples(patterns: list[str]):
-    from data_pipelines.shard_reader import iter_raw_samples
-    from data_pipelines.shards import expand_shard_patterns
+    from data_pipelines.read.shard_reader import iter_raw_samples
+    from data_pipelines.read.shards import expand_shard_patterns
 
     for shard in expand_shard_patterns(patterns):
         for raw in iter_raw_samples(shard):
@@ -84,8 +38,8 @@ def _samples(patterns: list[str]):
 def example_maker(family, model, processor, patterns: list[str], template: str, max_length: int = 4096):
     """raw sample -> Example, made by the training loader's own per-sample path for this export's family (a
     caption sample as a caption source, anything else as VQA). Raises BadSample."""
-    from data_pipelines.loader import MixtureLoader, SourceSpec
-    from data_pipelines.samples import sample_task
+    from data_pipelines.batch.loader import MixtureLoader, SourceSpec
+    from data_pipelines.render.samples import sample_task
 
     image_processor = processor.image_processor
     loader = MixtureLoader(
@@ -98,18 +52,19 @@ def example_maker(family, model, processor, patterns: list[str], template: str, 
 
 @torch.no_grad()
 def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 200, max_new_tokens: int = 32) -> dict:
-    from data_pipelines.collate import collate, model_inputs
-    from data_pipelines.samples import BadSample
-    from train.chat import answer
+    from data_pipelines.batch.collate import collate, model_inputs
+    from data_pipelines.render.samples import BadSample
+    from train.benchmarks.generate import answer
+    from train.benchmarks.judge import Judge, reference_score_1_10
     from train.models import family_of_export
 
     family = family_of_export(model_dir)
     model, processor = family.load_export(model_dir)
     forward, make_example = family.training_module(model), example_maker(family, model, processor, patterns, template)
     image_processor, pad = processor.image_processor, processor.tokenizer.pad_token_id
-    judge_url = os.environ.get("KAKEHASHI_JUDGE_URL")
+    judge = Judge.from_env()
     loss_sum, loss_count = defaultdict(float), defaultdict(int)
-    generation = {"samples": 0, "exact_match": 0.0, "rouge_l": 0.0, "judge": []}
+    generation = {"samples": 0, "exact_match": 0.0, "rouge_l_chars_f1": 0.0, "judge": []}
     bad, seen = 0, 0
     for shard, raw in _samples(patterns):
         if seen >= max_samples:
@@ -131,9 +86,9 @@ def evaluate(model_dir, patterns: list[str], template: str, max_samples: int = 2
             said = answer(model, processor, images, prompt, max_new_tokens)
             generation["samples"] += 1
             generation["exact_match"] += exact_match(said, reference)
-            generation["rouge_l"] += rouge_l(said, reference)
-            if judge_url:
-                generation["judge"].append(judge_score(prompt, reference, said, judge_url))
+            generation["rouge_l_chars_f1"] += rouge_l_chars_f1(said, reference)
+            if judge is not None:
+                generation["judge"].append(reference_score_1_10(judge, prompt, reference, said))
     return _report(seen, bad, loss_sum, loss_count, generation)
 
 
@@ -147,6 +102,6 @@ def _report(seen: int, bad: int, loss_sum: dict, loss_count: dict, generation: d
         "loss_by_source": {s: loss_sum[s] / max(loss_count[s], 1) for s in loss_sum},
         "vqa_samples": generation["samples"],
         "exact_match": generation["exact_match"] / n,
-        "rouge_l": generation["rouge_l"] / n,
+        "rouge_l_chars_f1": generation["rouge_l_chars_f1"] / n,
         "judge": (sum(scores) / len(scores)) if scores else None,
     }

@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from train.stages import zero_stage_on
+from train.stages import resolve_stage
 
 ACT_HIDDEN = 12      # values saved per token per layer per hidden unit: norms, q/k/v/o in and out, residuals
 ACT_MLP = 4          # ... per MLP unit: gate and up outputs, the activation, their product
@@ -88,13 +88,13 @@ class StageMemory:
     buffers_alongside: bool        # the buffers add to the activations (else the peak is the larger of the two)
     total: int
     fits: bool | None              # None without a GPU size
-    zero_stage: int                # the ZeRO stage a run on that many GPUs uses (train/stages.py zero_stage_on)
+    zero_stage: int                # the ZeRO stage a run on that many GPUs uses (train/stages.py resolve_stage)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-REDUCE_BUCKET = 500_000_000   # DeepSpeed's default reduce_bucket_size (train/engine.py deepspeed_config keeps it)
+REDUCE_BUCKET = 500_000_000   # DeepSpeed's default reduce_bucket_size (ResolvedStage.deepspeed_config keeps it)
 PREFETCH_BUCKET = 50_000_000  # ... and stage3_prefetch_bucket_size
 
 
@@ -103,10 +103,10 @@ def estimate(shapes: Shapes, params: dict[str, int], trainable: dict[str, int], 
     """Per-GPU bytes of one stage (see the module docstring). `params`/`trainable`: per component, from the stage
     plan (train/stages.py), so adapters and partial unfreezing count as training does. `loss_chunk`: tokens whose
     logits a chunked loss holds at once (None: the whole micro-batch's)."""
-    b = 2 if stage.precision == "bf16" else 4
-    total_params, trained = sum(params.values()), sum(trainable.values())
     split = max(gpus, 1)
-    zero = zero_stage_on(stage, split)  # what a run on that many GPUs uses
+    resolved = resolve_stage(stage, split)  # what a run on that many GPUs uses; refuses a batch that does not divide
+    b, zero = resolved.bytes_per_value, resolved.zero_stage
+    total_params, trained = sum(params.values()), sum(trainable.values())
     weights = total_params * b // (split if zero == 3 else 1)
     gradients = trained * 4 // split if zero >= 2 else trained * b
     master = 0 if (zero == 0 and b == 4) else 4 * trained

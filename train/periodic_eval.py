@@ -24,19 +24,22 @@ from dataclasses import dataclass
 
 import torch
 
-from data_pipelines.collate import collate, model_inputs
-from data_pipelines.example import Example
-from data_pipelines.images import ImageError, decode_image
-from data_pipelines.samples import BadSample
-from data_pipelines.shard_reader import iter_raw_samples
-from data_pipelines.shards import expand_shard_patterns
+from data_pipelines.batch.collate import collate, model_inputs
+from data_pipelines.image.images import ImageError, decode_image
+from data_pipelines.read.shard_reader import iter_raw_samples
+from data_pipelines.read.shards import expand_shard_patterns
+from data_pipelines.render.example import Example
+from data_pipelines.render.samples import BadSample
+from data_pipelines.render.tokenize import pad_token_id
 from train import distributed
-from train.chat import answer
+from train.benchmarks.generate import answer
+from train.benchmarks.metrics import exact_match, rouge_l_chars_f1
 from train.data import source_specs, stage_loader
 from train.errors import UsageError
-from train.evaluate import exact_match, first_turn, rouge_l
+from train.evaluate import first_turn
 from train.models import family_for, model_config
 from train.recipe import DataSource, Stage
+from train.stages import resolve_stage
 
 MAX_NEW_TOKENS = 32  # as `kakehashi eval`
 
@@ -98,10 +101,11 @@ class PeriodicEval:
         self.family, self.stage, self.eval_set, self.processor = family, stage, eval_set, processor
         self.benchmarks = benchmarks or []  # train/benchmarks/periodic.py BenchmarkEval
         self.rank, self.world_size, self.metrics = rank, world_size, metrics
+        self.lockstep = resolve_stage(stage, world_size).lockstep
         image_processor = processor.image_processor
         self.image_mean, self.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
         tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad_token_id(tokenizer)
 
     def due(self, step: int) -> bool:
         return step % self.stage.eval_every == 0 or step == self.stage.steps
@@ -122,16 +126,15 @@ class PeriodicEval:
                 record = {"kind": "eval", "stage": self.stage.name, "step": step, **self.losses(engine)}
                 model = self.family.unwrap(getattr(engine, "module", engine))
                 answers = self.generate(model)
-                synced = self.stage.zero_stage == 3 and self.world_size > 1
                 for benchmark in self.benchmarks:
-                    record.update(benchmark.run(model, self.processor, synced_gpus=synced))
+                    record.update(benchmark.run(model, self.processor, synced_gpus=self.lockstep))
         finally:
             for module, training in modes.items():
                 module.train(training)
         if answers:
             record["eval_vqa_samples"] = len(answers)
             record["eval_exact_match"] = sum(exact_match(a, s.reference) for s, a in answers) / len(answers)
-            record["eval_rouge_l"] = sum(rouge_l(a, s.reference) for s, a in answers) / len(answers)
+            record["eval_rouge_l_chars_f1"] = sum(rouge_l_chars_f1(a, s.reference) for s, a in answers) / len(answers)
         if self.metrics is not None:
             self.metrics.write(record)
             if self.metrics.wandb_run is not None and answers:
@@ -167,11 +170,8 @@ class PeriodicEval:
         return record
 
     def generate(self, model) -> list[tuple[VqaSample, str]]:
-        synced = self.stage.zero_stage == 3 and self.world_size > 1
-        tokenizer = self.processor.tokenizer
         return [(sample, answer(model, self.processor, sample.images, sample.question, MAX_NEW_TOKENS,
-                                synced_gpus=synced, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=self.pad_token_id))
+                                synced_gpus=self.lockstep))
                 for sample in self.eval_set.vqa]
 
 

@@ -15,13 +15,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from data_pipelines.samples import TASKS  # the source tasks: caption, vqa, interleaved
-from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN  # the placeholder in shard text and its token
+from data_pipelines.render.samples import TASKS  # the source tasks: caption, vqa, interleaved
+from data_pipelines.render.templates import (
+    IMAGE_PLACEHOLDER as IMAGE_TOKEN,  # the placeholder in shard text and its token
+)
+from data_pipelines.render.templates import TEMPLATES as TEMPLATE_FORMATS
 from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the recipe's errors)
 
 COMPONENTS = ("vision_encoder", "projector", "llm")
 Component = Literal["vision_encoder", "projector", "llm"]
-TEMPLATES = ("asagi", "sarashina", "plain", "chat")
+TEMPLATES = tuple(TEMPLATE_FORMATS)  # the templates' names, defined once with their formats
+TemplateName = Literal[TEMPLATES]
 SCHEDULES = ("cosine", "wsd", "constant")  # a stage's lr schedule (train/stages.py: lr_multiplier)
 DECAYS = ("linear", "cosine")               # the shape of the wsd schedule's final decay
 
@@ -192,7 +196,7 @@ class ModelSpec(Strict):
     @classmethod
     def _tokenizer_exists(cls, value: str, info: ValidationInfo) -> str:
         if value.startswith("builtin:"):
-            from data_pipelines.tiny_tokenizer import BUILDERS
+            from data_pipelines.synthetic.tiny_tokenizer import BUILDERS
 
             if value not in BUILDERS:
                 raise ValueError(f"unknown builtin tokenizer {value!r}; valid: {', '.join(BUILDERS)}")
@@ -220,7 +224,7 @@ def _agree(section: str, given: Any, defaults: Any, init: str, problems: list[st
 class DataSource(Strict):
     shards: str | list[str]                            # brace patterns / globs, e.g. data/cap-{000000..000009}.tar
     weight: float = Field(1.0, gt=0)                   # share of the samples drawn
-    task: str                                          # caption | vqa | interleaved (data_pipelines.samples.TASKS)
+    task: str                                          # caption | vqa | interleaved (render.samples.TASKS)
     name: str | None = None                            # default source<i>; metrics log loss/<name>
     loss_weight: float = Field(1.0, gt=0)              # the source's tokens' weight in the step's loss
 
@@ -240,7 +244,7 @@ class DataSource(Strict):
     def _shards_exist(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         if value is None or not _files_checked(info) or not info.context.get("check_data", True):
             return value
-        from data_pipelines.shards import expand_shard_patterns
+        from data_pipelines.read.shards import expand_shard_patterns
 
         synth_out = info.context.get("synth_out")
         for pattern in [value] if isinstance(value, str) else value:
@@ -459,7 +463,7 @@ class Recipe(Strict):
     name: str
     seed: int = 0
     model: ModelSpec
-    template: Literal["asagi", "sarashina", "plain", "chat"] | None = None  # default with model.init: chat (its own)
+    template: TemplateName | None = None               # default with model.init: chat (its own)
     synthesize: Synthesize | None = None
     wandb: dict[str, Any] | None = None                # {project, entity, ...}: logging on when set
     checkpoint: Checkpointing = Checkpointing()
@@ -470,7 +474,7 @@ class Recipe(Strict):
     def _template_given(self) -> Recipe:
         if self.template is None:
             if self.model.init is None:
-                raise ValueError("template: required field is missing (asagi, sarashina, plain or chat)")
+                raise ValueError(f"template: required field is missing ({', '.join(TEMPLATES)})")
             self.template = "chat"  # the checkpoint's own chat template
         return self
 

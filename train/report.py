@@ -19,7 +19,7 @@ THROUGHPUT = {  # mfu is null (no known peak, e.g. on CPU) or absent (older runs
     "tflops_per_device": "model TFLOP/s per device",
     "mfu": "model FLOPs utilisation",
 }
-EVAL_SCORES = {"eval_exact_match": "eval exact match", "eval_rouge_l": "eval ROUGE-L (chars)"}
+EVAL_SCORES = {"eval_exact_match": "eval exact match", "eval_rouge_l_chars_f1": "eval ROUGE-L (chars, F1 0-1)"}
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> dict[str, list[dict]]:
@@ -117,8 +117,9 @@ def eval_table(run_dir: Path) -> str:
         sources = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in r.items()
                             if k.startswith("eval_loss/"))
         benchmarks = ", ".join(f"{k.removeprefix('eval/')} {r[k]:.4f}" for k in benchmark_fields([r]))
-        lines.append(f"| {stage} | {r['step']} | {number(r.get('eval_loss'))} | {sources} | "
-                     f"{number(r.get('eval_exact_match'))} | {number(r.get('eval_rouge_l'))} | {benchmarks or '-'} |")
+        scores = f"{number(r.get('eval_exact_match'))} | {number(r.get('eval_rouge_l_chars_f1'))}"
+        lines.append(f"| {stage} | {r['step']} | {number(r.get('eval_loss'))} | {sources} | {scores} | "
+                     f"{benchmarks or '-'} |")
     return "\n## Periodic eval (last)\n\n" + "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,6 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from train import distributed, preemption
@@ -91,17 +90,16 @@ def run_stage(session: RunSession, index: int) -> dict:
 
 
 def train_and_write_stage(session: RunSession, index: int, done: Path) -> dict:
+    from train.build import build_stage
     from train.engine import consolidated_state_dict, train_stage
     from train.hooks import stage_hooks
     from train.periodic_eval import build_periodic_eval
 
     recipe, stage, family, rank = session.recipe, session.recipe.stages[index], session.family, session.rank
-    from train.build import build_stage_model
-
-    torch.manual_seed(recipe.seed)  # random-init components are identical on every rank
     # a stage starts from the previous stage's final weights, the first from the recipe's
-    model = build_stage_model(family, recipe.model, session.config, stage, session.world_size, session.previous)
-    loader = stage_batches(session, index)
+    built = build_stage(recipe, index, session.processor, session.config, rank=rank, world_size=session.world_size,
+                        previous=session.previous)
+    model, loader = built.model, built.loader
     if session.metrics is not None:
         session.metrics.wandb_run = _wandb_run(recipe, stage, session.run)
     periodic_eval = build_periodic_eval(recipe, index, session.processor, session.config, rank=rank,
@@ -157,7 +155,7 @@ def export_run(session: RunSession) -> str | None:
 def synthesize_missing_data(recipe: Recipe) -> None:
     if recipe.synthesize is None or (Path(recipe.synthesize.out) / "index.json").is_file():
         return
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
 
     spec = recipe.synthesize
     log.info("synthesizing %d caption + %d VQA samples (+ %d documents) into %s", spec.samples, spec.samples,
@@ -169,7 +167,7 @@ def synthesize_missing_data(recipe: Recipe) -> None:
 def build_processor(recipe: Recipe, cache_dir: Path, stand_in: bool = False):
     """The recipe's tokenizer (image token, chat template) + its family's image processor, as one processor that
     the run saves, so the export ships exactly what trained. `stand_in`: see load_tokenizer (benchmarks)."""
-    from data_pipelines.templates import jinja_chat_template
+    from data_pipelines.render.templates import jinja_chat_template
 
     tokenizer = load_tokenizer(recipe.model, cache_dir, stand_in=stand_in)
     if recipe.template != "chat":
@@ -194,13 +192,6 @@ def model_config_offline(recipe: Recipe):
     base = llm_config(recipe.model, 0).vocab_size
     added = ["image", *(["image_start", "image_end"] if recipe.model.image_start_end else [])]
     return family_for(recipe.model).config(recipe.model, base + len(added), {k: base + i for i, k in enumerate(added)})
-
-
-def stage_batches(session: RunSession, index: int):
-    from train.data import stage_loader
-
-    return stage_loader(session.recipe, index, session.processor, session.config, rank=session.rank,
-                        world_size=session.world_size)
 
 
 def format_summary(index: int, total: int, s: dict) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import random
 
-from data_pipelines.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape
-from train.chat import answer, load_export
+from data_pipelines.synthetic.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape
+from train.benchmarks.generate import answer
+from train.chat import load_export
 
 
 def shapes_accuracy(model_dir, samples: int = 100, seed: int = 12345, image_size: int = 64) -> dict:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from train import flops
-from train.errors import RecipeError
+from train.errors import RecipeError, UsageError
 from train.models.base import ModelFamily, parameter_size
 from train.recipe import COMPONENTS, SCHEDULES, Stage
 
@@ -169,22 +169,82 @@ def describe_schedule(stage: Stage) -> dict:
     return described
 
 
-def zero_stage_on(stage: Stage, world_size: int) -> int:
-    """The ZeRO stage a run of `stage` on `world_size` ranks uses: the recipe's, except that an fp32 stage on one
-    rank runs ZeRO-1/2 as ZeRO-0. Partitioning over one rank saves nothing and costs a copy of every gradient into
-    DeepSpeed's flat buffers and of every updated weight back (about a fifth of the tiny recipe's step; `kakehashi
-    bench train --baseline trainer`); in fp32 ZeRO-0 the engine steps our optimizer on the parameters themselves.
-    (bf16 keeps ZeRO: DeepSpeed's ZeRO-0 bf16 wrappers keep flat fp32 copies too.) A checkpoint carries over
-    between the two layouts: train/checkpoint.py."""
-    if world_size == 1 and stage.precision == "fp32" and stage.zero_stage in (1, 2):
-        return 0
-    return stage.zero_stage
+@dataclass(frozen=True)
+class ResolvedStage:
+    """What a stage of the recipe runs as on `world_size` ranks: every setting derived from the raw stage is derived
+    here, once (resolve_stage), and read by the build, the engine, the memory plan, submit, periodic eval, the bench
+    and the Trainer baseline."""
+
+    stage: Stage
+    world_size: int
+    zero_stage: int               # the ZeRO stage that runs (fp32 ZeRO-1/2 on one rank: 0)
+    dtype: torch.dtype            # parameters and compute: bf16 or fp32
+    accumulation: int             # micro-batches per optimizer step on each rank
+    optimizer_clips: bool         # our optimizer clips and guards the step (fp32 ZeRO-0); else DeepSpeed does
+    checkpointed: tuple[str, ...]  # components run with activation checkpointing
+
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: parameters live in partitions, gathered per module as the forward reaches it."""
+        return self.zero_stage == 3
+
+    @property
+    def lockstep(self) -> bool:
+        """Generation must run in lockstep on every rank (each forward gathers partitions from all of them)."""
+        return self.partitioned and self.world_size > 1
+
+    @property
+    def bytes_per_value(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def deepspeed_config(self) -> dict:
+        """The engine's config (also zero.Init's, so that the build's dtype is the engine's)."""
+        stage = self.stage
+        zero = {"stage": self.zero_stage}
+        if self.partitioned:
+            zero.update(stage3_gather_16bit_weights_on_model_save=True, sub_group_size=ZERO3_SUB_GROUP)
+        return {
+            "train_batch_size": stage.global_batch_size,
+            "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+            "gradient_accumulation_steps": self.accumulation,
+            "gradient_clipping": 0.0 if self.optimizer_clips else stage.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam would JIT-compile
+            "steps_per_print": 2**31,
+            "wall_clock_breakdown": False,
+        }
 
 
-def optimizer_clips(stage: Stage, world_size: int) -> bool:
-    """Where the engine steps our optimizer directly (fp32 ZeRO-0), the optimizer clips and guards the step itself,
-    from one norm of all gradients (GuardedAdamW), and DeepSpeed's own clipping stays off."""
-    return zero_stage_on(stage, world_size) == 0 and stage.precision == "fp32"
+# ZeRO-3 steps the optimizer one sub-group of parameters at a time, and each step holds the sub-group's fp32 gradients
+# (4 bytes a parameter; the fused AdamW allocates nothing more) on top of the model states. DeepSpeed's default of 1e9
+# parameters, with the per-tensor AdamW's temporaries, made the step and not the forward and backward the peak of the
+# Asagi-2B stage-2 bench on one rank; at 1e8 the step stays below them (README, "Throughput").
+ZERO3_SUB_GROUP = 100_000_000
+
+
+def resolve_stage(stage: Stage, world_size: int) -> ResolvedStage:
+    """The settings `stage` runs with on `world_size` ranks; a global batch that does not divide over the ranks is
+    refused (UsageError, exit 2), by `recipe check --gpus N` and `submit` as by the run itself.
+
+    ZeRO: the recipe's, except that an fp32 stage on one rank runs ZeRO-1/2 as ZeRO-0. Partitioning over one rank
+    saves nothing and costs a copy of every gradient into DeepSpeed's flat buffers and of every updated weight back
+    (about a fifth of the tiny recipe's step; `kakehashi bench train --baseline trainer`); in fp32 ZeRO-0 the engine
+    steps our optimizer on the parameters themselves, and that optimizer clips (GuardedAdamW). bf16 keeps ZeRO:
+    DeepSpeed's ZeRO-0 bf16 wrappers keep flat fp32 copies too. A checkpoint carries over between the two layouts
+    (train/checkpoint.py)."""
+    per_step = stage.micro_batch_size * world_size
+    if stage.global_batch_size % per_step:
+        raise UsageError(f"stage {stage.name}: global_batch_size {stage.global_batch_size} is not a multiple of "
+                         f"micro_batch_size x ranks = {stage.micro_batch_size} x {world_size}")
+    fp32 = stage.precision == "fp32"
+    zero = 0 if world_size == 1 and fp32 and stage.zero_stage in (1, 2) else stage.zero_stage
+    checkpointed = (("vision_encoder", "llm") if stage.gradient_checkpointing is True
+                    else tuple(stage.gradient_checkpointing or ()))
+    return ResolvedStage(stage=stage, world_size=world_size, zero_stage=zero,
+                         dtype=torch.float32 if fp32 else torch.bfloat16,
+                         accumulation=stage.global_batch_size // per_step, optimizer_clips=zero == 0 and fp32,
+                         checkpointed=checkpointed)
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -228,12 +288,12 @@ class GuardedAdamW(torch.optim.AdamW):
 ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8, "fused": True}
 
 
-def build_optimizer(family: ModelFamily, model: nn.Module, stage: Stage, world_size: int | None = None):
-    """The stage's AdamW and schedule. `world_size`: the run's ranks, for the engine (its ZeRO stage decides the
+def build_optimizer(family: ModelFamily, model: nn.Module, stage: Stage, resolved: ResolvedStage | None = None):
+    """The stage's AdamW and schedule. `resolved`: the run's stage, for the engine (its ZeRO stage decides the
     optimizer); None: for a trainer that steps and clips a plain AdamW itself (train/trainer_baseline.py)."""
     groups = parameter_groups(family, model, stage)
-    if world_size is not None and zero_stage_on(stage, world_size) == 0:
-        clip = stage.max_grad_norm if optimizer_clips(stage, world_size) else 0.0
+    if resolved is not None and resolved.zero_stage == 0:
+        clip = stage.max_grad_norm if resolved.optimizer_clips else 0.0
         optimizer = GuardedAdamW(groups, max_grad_norm=clip, **ADAMW)
     else:
         optimizer = torch.optim.AdamW(groups, **ADAMW)

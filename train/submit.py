@@ -75,12 +75,13 @@ def check_arguments(args) -> None:
 
 def check_batch_sizes(recipe, world_size: int) -> None:
     """The check DeepSpeed would fail on in the queue: each stage's global batch over micro batch x ranks."""
+    from train.stages import resolve_stage
+
     for stage in recipe.stages:
-        if stage.global_batch_size % (stage.micro_batch_size * world_size):
-            raise UsageError(
-                f"stage {stage.name}: global_batch_size {stage.global_batch_size} is not a multiple of "
-                f"micro_batch_size x ranks = {stage.micro_batch_size} x {world_size}; change the recipe (--set) "
-                f"or the number of processes")
+        try:
+            resolve_stage(stage, world_size)
+        except UsageError as err:
+            raise UsageError(f"{err}; change the recipe (--set) or the number of processes") from None
 
 
 def render(args, recipe, output: Path, log: Path) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from data_pipelines.collate import model_inputs
+from data_pipelines.batch.collate import model_inputs
 
 
 class _MeanLoss(nn.Module):
@@ -64,17 +64,18 @@ class StepClock(TrainerCallback):
 
 def measure_trainer(family, model, stage, loader, *, steps: int, work) -> StepClock:
     """Train `steps` optimizer steps with Trainer on this process's device; the clock of its steps."""
-    from train.engine import deepspeed_config, enable_fast_paths
-    from train.stages import build_optimizer, plan_stage
+    from train.engine import enable_fast_paths
+    from train.stages import build_optimizer, plan_stage, resolve_stage
 
     plan_stage(family, model, stage)
-    enable_fast_paths(family, model, stage)  # the stage's activation checkpointing and compile, as ours
-    accumulation = deepspeed_config(stage, 1)["gradient_accumulation_steps"]
+    resolved = resolve_stage(stage, 1)
+    enable_fast_paths(family, model, resolved)  # the stage's activation checkpointing and compile, as ours
+    accumulation = resolved.accumulation
     optimizer, scheduler = build_optimizer(family, model, stage)  # plain AdamW: Trainer clips it
     cuda = torch.cuda.is_available()
     arguments = TrainingArguments(  # bf16: Trainer's autocast over fp32 weights, as the frameworks on it train
         output_dir=str(work / "trainer"), per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,
-        max_steps=steps, max_grad_norm=stage.max_grad_norm, bf16=stage.precision == "bf16", use_cpu=not cuda,
+        max_steps=steps, max_grad_norm=stage.max_grad_norm, bf16=resolved.dtype == torch.bfloat16, use_cpu=not cuda,
         logging_strategy="no", save_strategy="no", report_to=[], dataloader_num_workers=0,
         dataloader_pin_memory=False, remove_unused_columns=False, disable_tqdm=True, seed=0,
         # an iterable dataset would be dispatched (and sliced to the batch size, cutting a packed row's images):

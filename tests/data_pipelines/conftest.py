@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.synth import synthesize
-from data_pipelines.tiny_tokenizer import build_tiny_tokenizer
+from data_pipelines.synthetic.synth import synthesize
+from data_pipelines.synthetic.tiny_tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

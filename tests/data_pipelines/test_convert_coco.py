@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from data_pipelines.shards import iter_raw_samples
-from data_pipelines.testing import jpeg_bytes, png_bytes
-from data_pipelines.verify import verify_shards
+from data_pipelines.read.shards import iter_raw_samples
+from data_pipelines.synthetic.testing import jpeg_bytes, png_bytes
+from data_pipelines.tools.verify import verify_shards
 from tests.data_pipelines.test_data_commands import run, usage_error
 
 

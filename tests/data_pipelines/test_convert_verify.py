@@ -4,8 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from data_pipelines.shards import iter_raw_samples
-from data_pipelines.testing import jpeg_bytes, png_bytes, write_bad_shards
+from data_pipelines.read.shards import iter_raw_samples
+from data_pipelines.synthetic.testing import jpeg_bytes, png_bytes, write_bad_shards
 from tests.data_pipelines.test_data_commands import run
 
 

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from data_pipelines.commands import register
 from data_pipelines.errors import UsageError
-from data_pipelines.shards import ShardWriter
-from data_pipelines.testing import write_bad_shards
+from data_pipelines.read.shards import ShardWriter
+from data_pipelines.synthetic.testing import write_bad_shards
+from data_pipelines.tools.commands import register
 from tests.conftest import kakehashi
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from data_pipelines.images import ImageError, decode_image, load_pixels, normalize
+from data_pipelines.image.images import ImageError, decode_image, load_pixels, normalize
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -128,7 +128,7 @@ def test_load_pixels_handles_modes_and_orientation_like_decode_image():
 
 
 def test_pixel_limit_and_bad_bytes_give_reasons():
-    from data_pipelines.testing import corrupt_png, huge_png_header, jpeg_bytes
+    from data_pipelines.synthetic.testing import corrupt_png, huge_png_header, jpeg_bytes
 
     with pytest.raises(ImageError) as error:
         load_pixels(encode(Image.new("RGB", (100, 100))), 8, max_pixels=9999)

@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from data_pipelines.loader import MixtureLoader, SourceSpec
-from data_pipelines.samples import BadSample, document_segments, prepare_sample
-from data_pipelines.shards import ShardWriter, iter_raw_samples
-from data_pipelines.synth import synthesize
-from data_pipelines.templates import Segment
-from data_pipelines.testing import jpeg_bytes, png_bytes
-from data_pipelines.tokenize import IGNORE_INDEX, encode
-from data_pipelines.verify import inspect_shards, verify_shards
+from data_pipelines.batch.loader import MixtureLoader, SourceSpec
+from data_pipelines.read.shards import ShardWriter, iter_raw_samples
+from data_pipelines.render.samples import BadSample, document_segments, prepare_sample
+from data_pipelines.render.templates import Segment
+from data_pipelines.render.tokenize import IGNORE_INDEX, encode
+from data_pipelines.synthetic.synth import synthesize
+from data_pipelines.synthetic.testing import jpeg_bytes, png_bytes
+from data_pipelines.tools.verify import inspect_shards, verify_shards
 from tests.data_pipelines.test_data_commands import run
 
 TOKENS_PER_IMAGE = 4
@@ -110,7 +110,7 @@ def test_obelics_parquet_and_datasets_folder_convert_and_verify_exactly(tmp_path
 
 
 def _tokenizer():
-    from data_pipelines.cli_common import load_tokenizer
+    from data_pipelines.tools.cli_common import load_tokenizer
 
     return load_tokenizer(None)
 

@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from data_pipelines import batches as batches_module
-from data_pipelines.loader import MixtureLoader, SourceSpec, TooManyBadSamples
-from data_pipelines.shards import ShardWriter
-from data_pipelines.testing import conversation, png_bytes, write_bad_shards
-from data_pipelines.tokenize import IGNORE_INDEX
+from data_pipelines.batch import batches as batches_module
+from data_pipelines.batch.loader import MixtureLoader, SourceSpec, TooManyBadSamples
+from data_pipelines.read.shards import ShardWriter
+from data_pipelines.render.tokenize import IGNORE_INDEX
+from data_pipelines.synthetic.testing import conversation, png_bytes, write_bad_shards
 
 TOKENS_PER_IMAGE = 4
 
@@ -116,7 +116,7 @@ def test_every_bad_kind_is_skipped_counted_and_logged(tmp_path, tiny_tokenizer, 
     paths, expected = write_bad_shards(tmp_path, good=20, max_length=64, tokens_per_image=TOKENS_PER_IMAGE)
     loader = make_loader([SourceSpec(paths, 1.0, "vqa", "bad")], tiny_tokenizer, max_length=64, micro_batch_size=1,
                          shuffle_buffer=1, bad_sample_limit=1.0)
-    with caplog.at_level(logging.WARNING, logger="data_pipelines.loader"):
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.batch.loader"):
         # 30 good samples a pass; both shards start with a good one, so the 31st ends the pass exactly
         keys = [key for batch in keys_per_batch(loader, 31) for key in batch]
     assert sorted(set(keys)) == [f"good{i:06d}" for i in range(30)]
@@ -163,3 +163,16 @@ def test_invalid_arguments_fail_at_construction(synth_dir, tiny_tokenizer, image
     state = make_loader(sources, tiny_tokenizer).state_dict()
     with pytest.raises(ValueError, match="seed"):
         make_loader(sources, tiny_tokenizer, seed=5).load_state_dict(state)
+
+
+def test_many_stage_starts_on_two_ranks_with_live_gloo_threads_never_hang(synth_dir, tmp_path):
+    # the workers start from a forkserver (data_pipelines/batch/loader.py WORKER_START), never by fork of a process with
+    # threads, and close() joins them: a hang here fails run_on_ranks instead of passing
+    from data_pipelines.batch.loader import WORKER_START
+    from tests.data_pipelines.stage_starts import stage_starts
+    from tests.ranks import run_on_ranks
+
+    results = run_on_ranks(stage_starts, str(synth_dir), str(tmp_path / "tok"), 8, WORKER_START)
+    for rank, result in enumerate(results):
+        assert len(result["seconds"]) == 8, rank
+        assert result["left_alive"] == [0] * 8, rank

@@ -3,10 +3,10 @@ import json
 
 import torch
 
-from data_pipelines.example import Example
-from data_pipelines.loader import SourceSpec
-from data_pipelines.pack import collate_packed, first_fit_decreasing
-from data_pipelines.tokenize import IGNORE_INDEX
+from data_pipelines.batch.loader import SourceSpec
+from data_pipelines.batch.pack import collate_packed, first_fit_decreasing
+from data_pipelines.render.example import Example
+from data_pipelines.render.tokenize import IGNORE_INDEX
 from tests.data_pipelines.test_loader import TOKENS_PER_IMAGE, id_shards, keys_per_batch, make_loader, synth_sources  # noqa: F401 (fixtures)
 
 

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from data_pipelines.shards import ShardWriter, expand_shard_patterns, iter_raw_samples
+from data_pipelines.read.shards import ShardWriter, expand_shard_patterns, iter_raw_samples
 
 SAMPLES = [
     ("a0", {"caption": "赤色の円"}, [("png", b"png-a0")]),

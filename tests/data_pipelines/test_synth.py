@@ -4,11 +4,11 @@ import time
 
 import numpy as np
 
-from data_pipelines.images import decode_image
-from data_pipelines.shards import iter_raw_samples
-from data_pipelines.synth import COLOURS, SHAPES, draw_shape, synth_texts, synthesize
-from data_pipelines.templates import ASAGI_PREAMBLE, render
-from data_pipelines.tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer, load_or_build_tiny_tokenizer
+from data_pipelines.image.images import decode_image
+from data_pipelines.read.shards import iter_raw_samples
+from data_pipelines.render.templates import ASAGI_PREAMBLE, render
+from data_pipelines.synthetic.synth import COLOURS, SHAPES, draw_shape, synth_texts, synthesize
+from data_pipelines.synthetic.tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer, load_or_build_tiny_tokenizer
 
 
 def samples_of(paths):

@@ -1,6 +1,6 @@
 import pytest
 
-from data_pipelines.templates import Segment, generation_prompt, jinja_chat_template, render
+from data_pipelines.render.templates import Segment, generation_prompt, jinja_chat_template, render
 
 TWO_TURNS = {
     "conversations": [

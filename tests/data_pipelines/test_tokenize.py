@@ -1,9 +1,9 @@
 import torch
 
-from data_pipelines.collate import collate
-from data_pipelines.example import Example
-from data_pipelines.templates import Segment, render
-from data_pipelines.tokenize import IGNORE_INDEX, encode
+from data_pipelines.batch.collate import collate
+from data_pipelines.render.example import Example
+from data_pipelines.render.templates import Segment, render
+from data_pipelines.render.tokenize import IGNORE_INDEX, encode
 
 CONVERSATION = {"conversations": [
     {"role": "user", "content": "<image>\nこの図形は何色ですか？"}, {"role": "assistant", "content": "赤色です。"},

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import Qwen2VLImageProcessorPil
 
-from data_pipelines.loader import MixtureLoader, SourceSpec
-from data_pipelines.patches import DynamicResolutionPatches
-from data_pipelines.shards import ShardWriter
-from data_pipelines.testing import conversation, png_bytes
-from data_pipelines.tokenize import IGNORE_INDEX, encode
+from data_pipelines.batch.loader import MixtureLoader, SourceSpec
+from data_pipelines.image.patches import DynamicResolutionPatches
+from data_pipelines.read.shards import ShardWriter
+from data_pipelines.render.tokenize import IGNORE_INDEX, encode
+from data_pipelines.synthetic.testing import conversation, png_bytes
 
 START_END = ("<|vision_start|>", "<|vision_end|>")
 SIZES = [(64, 32), (32, 32), (48, 64), (64, 64)]  # (width, height); factor 16 = patch 8 x merge 2

@@ -107,12 +107,13 @@ def case_compile() -> dict:
     from tests.train.conftest import make_stage, random_batch
     from train.engine import enable_fast_paths
     from train.models.llava import LLAVA
+    from train.stages import resolve_stage
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _tiny_model().to(device)
     batch = random_batch(torch.Generator().manual_seed(1), batch=2, length=40, targets_from=20)
     eager_loss, eager_grads = _loss_and_grads(copy.deepcopy(model), batch, device)
-    enable_fast_paths(LLAVA, model, make_stage(compile=True))
+    enable_fast_paths(LLAVA, model, resolve_stage(make_stage(compile=True), 1))
     compiled_loss, compiled_grads = _loss_and_grads(model, batch, device)
     return {"device": str(device), "eager_loss": eager_loss, "compiled_loss": compiled_loss,
             "same_grads": eager_grads.keys() == compiled_grads.keys(),
@@ -122,8 +123,8 @@ def case_compile() -> dict:
 def case_flash() -> dict:
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
         return {"skipped": "flash-attn is not installed" if torch.cuda.is_available() else "needs CUDA"}
-    from data_pipelines.collate import collate
-    from data_pipelines.pack import collate_packed
+    from data_pipelines.batch.collate import collate
+    from data_pipelines.batch.pack import collate_packed
     from tests.train.test_packing import make_example
     from train.models.llava import LLAVA
 

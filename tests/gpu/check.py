@@ -161,7 +161,7 @@ info = {"python": platform.python_version(), "torch": torch.__version__, "cuda":
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None,
         "packages": {n: version(n) for n in ("deepspeed", "transformers", "peft", "pydantic",
                                              "webdataset", "flash-attn", "liger-kernel")}}
-import train.engine, train.bench, data_pipelines.loader  # the project imports with what is installed
+import train.engine, train.bench, data_pipelines.batch.loader  # the project imports with what is installed
 info["imports_ok"] = True
 print(json.dumps(info))
 """

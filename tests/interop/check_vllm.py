@@ -21,14 +21,14 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # data_pipelines.synth draws the shapes the tiny recipe trains on
+sys.path.insert(0, str(REPO))  # data_pipelines.synthetic.synth draws the shapes the tiny recipe trains on
 
 QUESTION = "この図形は何色ですか？"
 SERVER_START_BOUND = 900  # seconds: vLLM's CPU start-up compiles and profiles; a bound, not a timing
 
 
 def fresh_shapes(samples: int, seed: int) -> list:
-    from data_pipelines.synth import COLOURS, SHAPES, draw_shape
+    from data_pipelines.synthetic.synth import COLOURS, SHAPES, draw_shape
 
     rng = random.Random(seed)
     return [draw_shape(rng, rng.choice(SHAPES), rng.choice(list(COLOURS)), 64) for _ in range(samples)]

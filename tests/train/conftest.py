@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 
 import pytest
@@ -7,6 +6,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO, TINY_RECIPE
+from tests.processes import run_watched
 from train import distributed
 from train.models.llava import LLAVA
 from train.recipe import DataSource, Stage, load_recipe
@@ -103,4 +103,4 @@ def torchrun(recipe, output, *args, env=None, nproc=2):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "train", str(recipe), "--output", str(output), *map(str, args)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return run_watched(command, cwd=REPO, env=env)

@@ -153,3 +153,18 @@ def test_bench_train_refuses_a_depth_of_zero_before_starting_runs():
     done = kakehashi("bench", "train", ASAGI_2B, "--llm-layers", "0")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines()[-1].endswith("--llm-layers and --vision-layers must be >= 1, --warmup >= 0")
+
+
+@pytest.mark.slow
+def test_bench_train_builds_a_zero3_stage_as_kakehashi_train_does(tmp_path):
+    # one factory (train/build.py build_stage): the bench's model is partitioned as it is built, in the stage's
+    # dtype, exactly as the run's, so its memory figures are what a run of the stage holds
+    recipe = short_recipe(tmp_path, zero_stage=3, steps=(1, 1))
+    built_line = "stage instruct: model built in torch.float32, partitioned over 1 ranks (ZeRO-3)"
+    bench = kakehashi("bench", "train", recipe, "--stage", "instruct", "--packing", "on", "--runner", "ours",
+                      "--steps", "1", "--warmup", "1", "--synthetic", "40", "--json")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert json.loads(bench.stdout)["zero_stage"] == 3 and built_line in bench.stderr
+    train = kakehashi("train", recipe, "--output", tmp_path / "run", "--no-export")
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert built_line in train.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.synth_bench import BENCH_TASKS, synth_bench
+from data_pipelines.synthetic.synth_bench import BENCH_TASKS, synth_bench
 from tests.conftest import REPO, kakehashi
 from train.benchmarks import TASKS, metrics
 from train.benchmarks.data import BenchmarkDataError
@@ -51,11 +51,11 @@ def eval_mm_rouge_l(reference: str, prediction: str) -> float:
 
 def test_rouge_l_gives_eval_mms_own_test_values():
     # eval_mm/tests/test_rougel_scorer.py: 100.0, 66.66, 80.0 (two pairs, averaged per sample), 50.0
-    assert metrics.rouge_l("私は猫です。", "私は猫です。") == 100.0
-    assert metrics.rouge_l("たかしが公園で遊んでいた。", "たかしが公園にいたようだ。") == pytest.approx(66.66, rel=0.01)
+    assert metrics.rouge_l_mecab_pct("私は猫です。", "私は猫です。") == 100.0
+    assert metrics.rouge_l_mecab_pct("たかしが公園で遊んでいた。", "たかしが公園にいたようだ。") == pytest.approx(66.66, rel=0.01)
     pairs = [("私は猫です。", "私は犬です。"), ("私は犬です。", "私は猫です。")]
-    assert metrics.mean([metrics.rouge_l(r, p) for r, p in pairs]) == pytest.approx(80.0, rel=0.01)
-    assert metrics.rouge_l("池のほとりです。", "ここは湖の岸です。") == pytest.approx(50.0, rel=0.01)
+    assert metrics.mean([metrics.rouge_l_mecab_pct(r, p) for r, p in pairs]) == pytest.approx(80.0, rel=0.01)
+    assert metrics.rouge_l_mecab_pct("池のほとりです。", "ここは湖の岸です。") == pytest.approx(50.0, rel=0.01)
 
 
 @pytest.mark.parametrize("reference, prediction", [
@@ -64,12 +64,12 @@ def test_rouge_l_gives_eval_mms_own_test_values():
     ("東京タワーは赤と白に塗られている。", "タワーは白色と赤色です✨"),
 ])
 def test_rouge_l_equals_the_reference_formula(reference, prediction):
-    assert metrics.rouge_l(reference, prediction) == pytest.approx(eval_mm_rouge_l(reference, prediction), abs=1e-9)
+    assert metrics.rouge_l_mecab_pct(reference, prediction) == pytest.approx(eval_mm_rouge_l(reference, prediction), abs=1e-9)
 
 
 def test_the_character_level_rouge_is_a_second_field_on_another_scale():
-    assert metrics.rouge_l_chars("青色です。", "赤色です。") == pytest.approx(0.8)  # LCS 色です。: 4 of 5 characters
-    assert metrics.rouge_l("赤色です。", "青色です。") == pytest.approx(200 / 3)     # MeCab: 青色|です|。 vs 赤色|です|。
+    assert metrics.rouge_l_chars_f1("青色です。", "赤色です。") == pytest.approx(0.8)  # LCS 色です。: 4 of 5 characters
+    assert metrics.rouge_l_mecab_pct("赤色です。", "青色です。") == pytest.approx(200 / 3)     # MeCab: 青色|です|。 vs 赤色|です|。
 
 
 def test_jdocqa_bleu_and_exact_match_as_eval_mm(tmp_path):
@@ -186,7 +186,7 @@ def test_llm_as_a_judge_sends_eval_mms_prompt_and_reads_its_scale(judge_server, 
     expected = [5 if "赤色" in s.reference else 2 for s in samples]
     assert scores.per_sample["llm_as_a_judge"] == expected
     assert scores.summary["llm_as_a_judge"] == sum(expected) / 4 and scores.judged_by == {"llm_as_a_judge": "judge-model-x"}
-    assert scores.summary["rouge_l"] == 100.0
+    assert scores.summary["rouge_l_mecab_pct"] == 100.0
 
 
 def test_heron_bench_judges_through_the_endpoint(judge_server, tmp_path):
@@ -327,7 +327,7 @@ def test_eval_task_through_the_command_matches_eval_mms_formula_on_its_predictio
     report = json.loads(done.stdout)
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     recomputed = sum(eval_mm_rouge_l(r["reference"], r["prediction"]) for r in rows) / len(rows)
-    assert report["metrics"]["rouge_l"] == pytest.approx(recomputed, abs=0.01) and len(rows) == 6
+    assert report["metrics"]["rouge_l_mecab_pct"] == pytest.approx(recomputed, abs=0.01) and len(rows) == 6
     assert report["judge"] is None and "llm_as_a_judge" in report["not_scored"]
 
 
@@ -388,14 +388,14 @@ def test_periodic_eval_scores_a_benchmark_on_the_training_model(sets, tmp_path):
     periodic = build_periodic_eval(parsed, 1, processor, rank=0, world_size=1)
     record = periodic.run(family.training_module(model), step=2)
     assert record["eval/ja-vg-vqa-500/samples"] == 2 and record["eval/jmmmu-shapes/samples"] == 2
-    assert 0 <= record["eval/ja-vg-vqa-500/rouge_l"] <= 100 and "eval/jmmmu-shapes/accuracy" in record
+    assert 0 <= record["eval/ja-vg-vqa-500/rouge_l_mecab_pct"] <= 100 and "eval/jmmmu-shapes/accuracy" in record
     assert not any(k.startswith("eval_loss") for k in record)  # no shard sources: no losses
     labels = [label for label, _ in eval_panels([record])]
-    assert "ja-vg-vqa-500/rouge_l" in labels and "jmmmu-shapes/accuracy" in labels
+    assert "ja-vg-vqa-500/rouge_l_mecab_pct" in labels and "jmmmu-shapes/accuracy" in labels
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
-    assert "ja-vg-vqa-500/rouge_l" in eval_table(run)
+    assert "ja-vg-vqa-500/rouge_l_mecab_pct" in eval_table(run)
 
 
 @pytest.mark.slow
@@ -415,6 +415,6 @@ def test_a_training_logs_benchmark_metrics_per_stage_and_the_report_plots_them(t
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("kind") == "eval"]
     assert [r["stage"] for r in evals] == ["align", "instruct"]
-    assert all("eval/ja-vg-vqa-500/rouge_l" in r and r["eval/ja-vg-vqa-500/samples"] == 4 for r in evals)
+    assert all("eval/ja-vg-vqa-500/rouge_l_mecab_pct" in r and r["eval/ja-vg-vqa-500/samples"] == 4 for r in evals)
     assert kakehashi("report", tmp_path / "run").returncode == 0
     assert (tmp_path / "run" / "report" / "instruct-eval.png").is_file()

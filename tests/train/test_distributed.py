@@ -52,7 +52,7 @@ def test_zero3_with_a_trainable_vision_encoder_and_text_only_micro_batches(tmp_p
     shards collectively, so every rank runs it every micro-step (on a zeroed dummy image): no hang, no mismatch."""
     import yaml
 
-    from data_pipelines.shards import ShardWriter
+    from data_pipelines.read.shards import ShardWriter
 
     with ShardWriter(tmp_path / "text", "text", 100) as writer:  # a source with no image at all
         for i in range(40):

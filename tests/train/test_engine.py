@@ -71,10 +71,10 @@ def test_loss_is_normalised_over_all_target_tokens_of_the_step(world, tiny_model
 
 def test_fp32_zero1_and_zero2_run_as_zero0_on_one_rank_only():
     """Partitioning over one rank saves nothing and copies every gradient and weight (train/stages.py)."""
-    from train.engine import deepspeed_config
+    from train.stages import resolve_stage
 
     def run_as(world_size, **fields):
-        config = deepspeed_config(make_stage(**fields), world_size)
+        config = resolve_stage(make_stage(**fields), world_size).deepspeed_config()
         return config["zero_optimization"]["stage"], config["gradient_clipping"]
 
     assert run_as(1, zero_stage=2) == run_as(1, zero_stage=1) == (0, 0.0)  # the optimizer clips (GuardedAdamW)

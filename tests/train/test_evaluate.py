@@ -6,7 +6,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from train.evaluate import judge_score, rouge_l
+from train.benchmarks.judge import Judge, reference_score_1_10
+from train.benchmarks.metrics import rouge_l_chars_f1
 
 
 @pytest.mark.parametrize("candidate, reference, expected", [
@@ -19,7 +20,7 @@ from train.evaluate import judge_score, rouge_l
     ("abc", "xyz", 0.0),
 ])
 def test_character_rouge_l(candidate, reference, expected):
-    assert rouge_l(candidate, reference) == pytest.approx(expected)
+    assert rouge_l_chars_f1(candidate, reference) == pytest.approx(expected)
 
 
 class StubJudge(BaseHTTPRequestHandler):
@@ -51,7 +52,7 @@ def judge_server():
 
 def test_judge_hook_asks_an_openai_compatible_endpoint(judge_server, monkeypatch):
     monkeypatch.setenv("KAKEHASHI_JUDGE_KEY", "secret")
-    score = judge_score("この図形は何色ですか？", "赤色です。", "赤色です。", judge_server)
+    score = reference_score_1_10(Judge(judge_server, key="secret"), "この図形は何色ですか？", "赤色です。", "赤色です。")
     assert score == 8.0
     ((path, auth, body),) = StubJudge.requests
     assert path == "/v1/chat/completions" and auth == "Bearer secret"

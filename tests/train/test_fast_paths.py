@@ -11,6 +11,7 @@ from tests.train.conftest import IMAGE_TOKEN_ID, VOCAB, make_stage, random_batch
 from train.engine import enable_fast_paths
 from train.models.llava import LLAVA, LlavaForTraining
 from train.recipe import RecipeError, load_recipe
+from train.stages import resolve_stage
 
 
 def loss_and_grads(llava, batch):
@@ -26,7 +27,7 @@ def loss_and_grads(llava, batch):
 def test_fast_paths_give_the_same_loss_and_gradients(tiny_model, fields):
     batch = random_batch(torch.Generator().manual_seed(1), batch=2, length=40, targets_from=20)
     baseline = loss_and_grads(copy.deepcopy(tiny_model), batch)
-    enable_fast_paths(LLAVA, tiny_model, make_stage(**fields))
+    enable_fast_paths(LLAVA, tiny_model, resolve_stage(make_stage(**fields), 1))
     towers = {"vision_encoder": tiny_model.model.vision_tower, "llm": tiny_model.model.language_model}
     wanted = fields.get("gradient_checkpointing", [])
     wanted = ["vision_encoder", "llm"] if wanted is True else wanted

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from data_pipelines.collate import collate
-from data_pipelines.example import Example
+from data_pipelines.batch.collate import collate
+from data_pipelines.render.example import Example
 from tests.train.conftest import IMAGE_TOKEN_ID, VOCAB, make_stage
 from train import flops
 from train.models.llava import LLAVA

@@ -163,7 +163,7 @@ def test_periodic_eval_on_two_zero3_ranks_equals_one_process_on_the_final_weight
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("kind") == "eval"]
     assert [(r["stage"], r["step"]) for r in evals] == [("lora", 2), ("lora", 4)]
-    assert all(r["eval_vqa_samples"] == 2 and 0 <= r["eval_rouge_l"] <= 1 for r in evals)
+    assert all(r["eval_vqa_samples"] == 2 and 0 <= r["eval_rouge_l_chars_f1"] <= 1 for r in evals)
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
     evaluator = build_periodic_eval(recipe, 1, AutoProcessor.from_pretrained(run / "export"), rank=0, world_size=1)
     assert [len(v) for v in evaluator.eval_set.sources.values()] == [5, 5]

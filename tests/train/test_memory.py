@@ -140,6 +140,8 @@ def test_recipe_check_prints_the_plan_per_stage_and_json_gives_the_same_numbers(
     (["--gpus", "0"], "--gpus must be at least 1, got 0"),
     (["--gpus", "8", "--gpu-memory", "banana"], "--gpu-memory: 'banana' is not a size such as 80GB or 80GiB"),
     (["--gpu-memory", "80GB"], "--gpu-memory needs --gpus"),
+    # what submit and the run refuse (train/stages.py resolve_stage): 256 rows do not divide over 16 x 3
+    (["--gpus", "3"], "stage pretrain: global_batch_size 256 is not a multiple of micro_batch_size x ranks = 16 x 3"),
 ])
 def test_recipe_check_refuses_bad_values_in_one_line(flags, message):
     done = kakehashi("recipe", "check", ASAGI, "--skip-data", *flags)

@@ -9,7 +9,6 @@ same set, so only the learning is alike.
 
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, kakehashi
+from tests.processes import Watched, wait_all
 from tests.train.conftest import losses, short_recipe, torchrun
 
 pytestmark = pytest.mark.slow  # torchrun agents training together
@@ -37,10 +37,8 @@ def two_agents(recipe, output):
                "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two-agents",
                "-m", "train", str(recipe), "--output", str(output), "--no-export"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]
-    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
-    return [agent.returncode for agent in agents], outputs
+    done = wait_all([Watched(command, cwd=REPO, env=env, merge_output=True) for _ in range(2)])
+    return [agent.returncode for agent in done], [agent.stdout for agent in done]
 
 
 def final_weights(run):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from data_pipelines.collate import collate
-from data_pipelines.example import Example
-from data_pipelines.pack import collate_packed
+from data_pipelines.batch.collate import collate
+from data_pipelines.batch.pack import collate_packed
+from data_pipelines.render.example import Example
 from tests.train.conftest import IMAGE_TOKEN_ID, VOCAB
 from train.models.llava import LlavaForTraining
 

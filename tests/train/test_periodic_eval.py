@@ -47,9 +47,9 @@ def test_eval_records_per_source_and_generation_metrics(runs):
     evals = [r for r in records(runs["on"]) if r.get("kind") == "eval"]
     assert [(r["stage"], r["step"]) for r in evals] == [("instruct", s) for s in EVAL_STEPS]
     for record in evals:
-        assert set(record) >= {"eval_loss", "eval_loss/caption", "eval_loss/vqa", "eval_exact_match", "eval_rouge_l"}
+        assert set(record) >= {"eval_loss", "eval_loss/caption", "eval_loss/vqa", "eval_exact_match", "eval_rouge_l_chars_f1"}
         assert 0 < record["eval_loss/vqa"] < 20 and 0 < record["eval_loss/caption"] < 20
-        assert record["eval_vqa_samples"] == 2 and 0 <= record["eval_rouge_l"] <= 1
+        assert record["eval_vqa_samples"] == 2 and 0 <= record["eval_rouge_l_chars_f1"] <= 1
     assert not [r for r in records(runs["off"]) if r.get("kind") == "eval"]
 
 

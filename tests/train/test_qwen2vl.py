@@ -199,8 +199,9 @@ def test_gradient_checkpointing_keeps_the_loss(qwen_model):
     input_ids = text_with_images([4])
     loss, _ = qwen_model.train()(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
     from train.engine import enable_fast_paths
+    from train.stages import resolve_stage
 
-    enable_fast_paths(QWEN2VL, qwen_model, make_stage(gradient_checkpointing=True))  # both towers, as the engine does
+    enable_fast_paths(QWEN2VL, qwen_model, resolve_stage(make_stage(gradient_checkpointing=True), 1))  # both towers, as the engine does
     checkpointed, _ = qwen_model(input_ids, torch.ones_like(input_ids), input_ids, pixels, grid)
     checkpointed.backward()
     assert torch.allclose(loss, checkpointed) and qwen_model.visual.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0

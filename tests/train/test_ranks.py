@@ -86,7 +86,7 @@ def _eval_losses(rank, world_size, data, cache):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
 
     out = tmp_path_factory.mktemp("shapes")
     synthesize(out, samples=12, seed=0, samples_per_shard=6, image_size=32)

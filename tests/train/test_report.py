@@ -29,7 +29,7 @@ def write_run(run):
         if step % 5 == 0:  # an eval record shares its (stage, step) with a train record
             lines.append({"kind": "eval", "stage": "instruct", "step": step, "eval_loss/caption": 4.0 / step,
                           "eval_loss/vqa": 5.0 / step, "eval_loss": 4.5 / step, "eval_vqa_samples": 4,
-                          "eval_exact_match": step / 20, "eval_rouge_l": min(1.0, step / 10)})
+                          "eval_exact_match": step / 20, "eval_rouge_l_chars_f1": min(1.0, step / 10)})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     for index, (stage, steps, trains) in enumerate([("align", 10, "projector"), ("instruct", 20, "llm")]):
         (run / "stages" / f"0{index + 1}-{stage}").mkdir()

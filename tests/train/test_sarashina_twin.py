@@ -63,7 +63,8 @@ def test_three_stages_train_their_components_only(twin_run):
 def test_export_loads_without_remote_code_and_matches_the_trained_weights(twin_run):
     from PIL import Image
 
-    from train.chat import answer, load_export
+    from train.benchmarks.generate import answer
+    from train.chat import load_export
     from train.models.qwen2vl import QWEN2VL, Qwen2VLVisionLMConfig
     from train.recipe import load_recipe
 
@@ -95,7 +96,7 @@ def test_kakehashi_eval_scores_the_export(twin_run):
     report = json.loads(done.stdout)
     assert report["samples"] == 6 and report["bad_samples"] == 0 and report["vqa_samples"] == 6
     assert 0 < report["loss"] < 20 and set(report["loss_by_source"]) == {"synth-shapes"}  # the samples' own source field
-    assert 0 <= report["exact_match"] <= 1 and 0 <= report["rouge_l"] <= 1
+    assert 0 <= report["exact_match"] <= 1 and 0 <= report["rouge_l_chars_f1"] <= 1
 
 
 def test_periodic_eval_on_two_zero3_ranks_equals_one_process_on_the_stage_weights(twin_run):
@@ -109,7 +110,7 @@ def test_periodic_eval_on_two_zero3_ranks_equals_one_process_on_the_stage_weight
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line).get("kind") == "eval"]
     assert (record["stage"], record["step"], record["eval_vqa_samples"]) == ("instruct", 3, 2)
-    assert 0 <= record["eval_rouge_l"] <= 1
+    assert 0 <= record["eval_rouge_l_chars_f1"] <= 1
     recipe = load_recipe(run / "recipe.yaml", check_files=False)
     processor = QWEN2VL.load_processor(run / "processor")
     evaluator = build_periodic_eval(recipe, 2, processor, rank=0, world_size=1)

@@ -68,10 +68,12 @@ class Task:
 
 
 def rouge_scores(samples: list[Sample], predictions: list[str], scores: Scores) -> None:
-    """rouge_l (eval-mm's, 0-100) and rouge_l_chars (kakehashi's character LCS F1, 0-1), per sample and mean."""
-    scores.per_sample["rouge_l"] = [metrics.rouge_l(s.reference, p) for s, p in zip(samples, predictions)]
-    scores.per_sample["rouge_l_chars"] = [metrics.rouge_l_chars(p, s.reference) for s, p in zip(samples, predictions)]
-    for name in ("rouge_l", "rouge_l_chars"):
+    """rouge_l_mecab_pct (eval-mm's, 0-100) and rouge_l_chars_f1 (kakehashi's character LCS F1, 0-1), per sample
+    and mean."""
+    pairs = list(zip(samples, predictions))
+    scores.per_sample["rouge_l_mecab_pct"] = [metrics.rouge_l_mecab_pct(s.reference, p) for s, p in pairs]
+    scores.per_sample["rouge_l_chars_f1"] = [metrics.rouge_l_chars_f1(p, s.reference) for s, p in pairs]
+    for name in ("rouge_l_mecab_pct", "rouge_l_chars_f1"):
         scores.summary[name] = metrics.mean(scores.per_sample[name])
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipelines.render.tokenize import pad_token_id
 from train.benchmarks.data import ImageRef
 
 STOP_STRINGS = {"sarashina": ("\n###",)}  # template -> where an answer ends besides EOS
@@ -66,7 +67,7 @@ def generate_answers(model, processor, requests: list[tuple[list, str]], setting
     `images`: PIL images or objects with `load()` (train/benchmarks/data.py ImageRef). `generate`: extra
     `model.generate` arguments (periodic eval passes synced_gpus under ZeRO-3)."""
     tokenizer = processor.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     stops = {"stop_strings": list(settings.stop_strings), "tokenizer": tokenizer} if settings.stop_strings else {}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens start at the same column in each row
     answers: list[str] = []
@@ -84,3 +85,10 @@ def generate_answers(model, processor, requests: list[tuple[list, str]], setting
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def answer(model, processor, images: list, prompt: str, max_new_tokens: int = 32, **generate) -> str:
+    """Greedy answer to one user turn, the images first (as in training data), then the prompt: generate_answers
+    for one request (`chat`, `shapes-eval`, `eval --data` and periodic eval all answer through it)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=1)
+    return generate_answers(model, processor, [(images, prompt)], settings, **generate)[0]

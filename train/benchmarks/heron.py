@@ -21,7 +21,7 @@ class JapaneseHeronBench(Task):
     name = "japanese-heron-bench"
     split = "train"
     columns = ("image", "text", "answer", "question_id", "category", "context")
-    metrics = ("heron_bench", "rouge_l", "rouge_l_chars")
+    metrics = ("heron_bench", "rouge_l_mecab_pct", "rouge_l_chars_f1")
     judge_metrics = ("heron_bench",)
     scales = {**VQA_SCALES, "heron_bench": "0-100+, eval-mm heron-bench overall_rel (model / reference judge score "
                                            "x 100, mean of conv, detail, complex)"}

@@ -95,6 +95,13 @@ class JudgeError(UsageError):
     """The judge endpoint failed (after its retries) or answered something that is not a chat completion."""
 
 
+# `kakehashi eval --data` (train/evaluate.py): a 1-10 score of an answer against the reference answer
+REFERENCE_SCORE_PROMPT = (
+    "次の質問に対する回答を、参照回答と比べて1から10の整数で採点してください。数字だけを答えてください。\n"
+    "質問: {question}\n参照回答: {reference}\n回答: {answer}"
+)
+
+
 class Judge:
     """An OpenAI-compatible chat endpoint that scores answers."""
 
@@ -193,3 +200,10 @@ def parse_heron(completion: str) -> dict[str, int]:
                 return {"score": int(parsed["score"]), "score_gpt": int(parsed["score_gpt"])}
             break  # parsed, but not the scores: eval-mm goes on to the next candidate
     return {"score": -1, "score_gpt": -1}
+
+
+def reference_score_1_10(judge: Judge, question: str, reference: str, answer: str) -> float | None:
+    """The judge's 1-10 score of `answer` against `reference` (REFERENCE_SCORE_PROMPT); None without a number."""
+    content = REFERENCE_SCORE_PROMPT.format(question=question, reference=reference, answer=answer)
+    digits = "".join(ch for ch in judge.complete([{"role": "user", "content": content}]).strip() if ch.isdigit())
+    return float(digits) if digits and 1 <= int(digits) <= 10 else None

@@ -7,12 +7,12 @@ from __future__ import annotations
 from train.benchmarks.base import Sample, Scores, Task, llm_as_a_judge_scores, rouge_scores
 from train.benchmarks.data import BenchmarkDataError, Rows, field, image
 
-VQA_SCALES = {"rouge_l": "0-100, eval-mm rougel (MeCab tokens)", "rouge_l_chars": "0-1, character LCS F1",
+VQA_SCALES = {"rouge_l_mecab_pct": "0-100, eval-mm rougel (MeCab tokens)", "rouge_l_chars_f1": "0-1, character LCS F1",
               "llm_as_a_judge": "1-5, eval-mm llm-as-a-judge (0: no digit in the judge's reply)"}
 
 
 class OpenVqaTask(Task):
-    metrics = ("llm_as_a_judge", "rouge_l", "rouge_l_chars")
+    metrics = ("llm_as_a_judge", "rouge_l_mecab_pct", "rouge_l_chars_f1")
     judge_metrics = ("llm_as_a_judge",)
     scales = VQA_SCALES
 

@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from data_pipelines.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 from train.errors import RecipeError, TokenizerUnavailable, UsageError
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def load_tokenizer(spec, cache_dir: str | Path, offline: bool = False, stand_in:
     naming it; with `stand_in` (benchmarks: the shapes, not the text, matter) the hub is not asked at all and a
     tokenizer not on this machine is replaced by `stand_in_tokenizer`, which has the LLM's vocabulary size."""
     if spec.tokenizer.startswith("builtin:"):
-        from data_pipelines.tiny_tokenizer import load_or_build_tiny_tokenizer
+        from data_pipelines.synthetic.tiny_tokenizer import load_or_build_tiny_tokenizer
 
         name = spec.tokenizer.removeprefix("builtin:")
         tokenizer = load_or_build_tiny_tokenizer(Path(cache_dir) / name, spec.tokenizer)
@@ -390,7 +390,7 @@ def load_tokenizer(spec, cache_dir: str | Path, offline: bool = False, stand_in:
 def stand_in_tokenizer(spec, cache_dir: str | Path):
     """builtin:tiny-ja padded to the LLM config's vocabulary size (with the image tokens kakehashi adds), so a
     model built for it has the real embedding and LM head shapes. `tokenizer.kakehashi_stand_in` is True."""
-    from data_pipelines.tiny_tokenizer import load_or_build_stand_in_tokenizer
+    from data_pipelines.synthetic.tiny_tokenizer import load_or_build_stand_in_tokenizer
 
     try:
         vocab_size = llm_config(spec, 0).vocab_size  # the config's own size (0: it gives none)

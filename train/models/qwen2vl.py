@@ -313,7 +313,7 @@ class Qwen2VLFamily(ModelFamily):
         return Qwen2VLChatProcessor.from_pretrained(directory)
 
     def image_inputs(self, config: Qwen2VLVisionLMConfig, processor: Qwen2VLChatProcessor) -> dict:
-        from data_pipelines.patches import DynamicResolutionPatches
+        from data_pipelines.image.patches import DynamicResolutionPatches
 
         # dynamic resolution: token counts vary per image
         return {"patchify": DynamicResolutionPatches(processor.image_processor), "tokens_per_image": None,

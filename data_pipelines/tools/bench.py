@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipelines.cli_common import shard_paths
 from data_pipelines.errors import UsageError
 from data_pipelines.output import result, result_json
-from data_pipelines.shards import ShardWriter, iter_raw_samples, write_manifest
+from data_pipelines.read.shards import ShardWriter, iter_raw_samples, write_manifest
+from data_pipelines.tools.cli_common import shard_paths
 
 
 def photo_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480, quality: int = 90) -> bytes:
@@ -58,7 +58,7 @@ def write_photo_shards(out: str | Path, samples: int = 400, seed: int = 0, sampl
 
 def loader_samples_per_s(shards: list[str], image_size: int, workers: int, samples: int, tokenizer,
                          micro_batch_size: int = 8) -> float:
-    from data_pipelines.loader import MixtureLoader, SourceSpec
+    from data_pipelines.batch.loader import MixtureLoader, SourceSpec
 
     first = next(iter_raw_samples(shards[0]))
     task = "vqa" if first.meta and "conversations" in first.meta else "caption"
@@ -114,7 +114,7 @@ def register(bench_subparsers) -> None:
 def cmd_bench_data(args: argparse.Namespace) -> int:
     import torch
 
-    from data_pipelines.tiny_tokenizer import build_tiny_tokenizer
+    from data_pipelines.synthetic.tiny_tokenizer import build_tiny_tokenizer
 
     if args.synth:
         existing = sorted(Path(args.synth).glob("photos-*.tar"))

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -21,16 +22,23 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
+from data_pipelines.batch.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
 from data_pipelines.errors import TooManyBadSamples
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
-from data_pipelines.samples import TASKS
-from data_pipelines.shards import expand_shard_patterns
-from data_pipelines.templates import template_format
-from data_pipelines.tokenize import image_token_id
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
+from data_pipelines.read.shards import expand_shard_patterns
+from data_pipelines.render.samples import TASKS
+from data_pipelines.render.templates import template_format
+from data_pipelines.render.tokenize import image_token_id, pad_token_id
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
+
+# Workers start from a forkserver, not by fork: a training process has threads (gloo's, DeepSpeed's, a previous
+# loader's queue feeders), and a fork taken while one of them holds a lock leaves the child waiting on it forever
+# (a clean-clone run hung so, in os.fork of a stage-2 worker). The forkserver is a fresh single-threaded process;
+# it imports the data path once (PRELOAD), so each worker start is a fork of it plus unpickling the config.
+WORKER_START = "forkserver"
+PRELOAD = ["data_pipelines.batch.loader", "transformers"]
 
 __all__ = ["MixtureLoader", "SourceSpec", "TooManyBadSamples"]
 
@@ -63,6 +71,12 @@ class _RankBatches(IterableDataset):
 
 def _as_is(batch: dict) -> dict:
     return batch
+
+
+def _worker_context():
+    context = multiprocessing.get_context(WORKER_START)
+    context.set_forkserver_preload(PRELOAD)  # read when the forkserver starts (once per process)
+    return context
 
 
 class MixtureLoader:
@@ -109,7 +123,7 @@ class MixtureLoader:
         template_format(template)  # fail now on an unknown template, not at the first sample
         for token in ("<image>", *(image_start_end or ())):
             image_token_id(tokenizer, token)  # fail now if the tokenizer lacks it
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         self.sources = sources
         self.image_mean, self.image_std = image_mean, image_std  # for the caller's `images.normalize`
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -145,6 +159,7 @@ class MixtureLoader:
                 self._iterator = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is,
                                                  num_workers=self.num_workers, persistent_workers=True,
                                                  prefetch_factor=self.prefetch_factor,
+                                                 multiprocessing_context=_worker_context(),
                                                  pin_memory=torch.cuda.is_available()))  # async host-to-GPU copies
         batch = next(self._iterator)
         self._worker_states[batch.pop("_worker")] = batch.pop("_state")
@@ -166,8 +181,12 @@ class MixtureLoader:
         return build_example(self.config, raw, source)
 
     def close(self) -> None:
-        """Stop the worker processes; the next `next()` starts them again from the current state."""
-        self._iterator = None  # the DataLoader iterator shuts its workers down when collected
+        """Stop the worker processes (joined here, not left to the garbage collector, so that none is still running
+        when the next stage starts its own); the next `next()` starts them again from the current state."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator: joins its workers
+        if shutdown is not None:
+            shutdown()
 
     @property
     def stats(self) -> dict:

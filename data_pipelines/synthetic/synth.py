@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_pipelines.shards import ShardWriter
+from data_pipelines.read.shards import ShardWriter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "赤": (220, 30, 30),

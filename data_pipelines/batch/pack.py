@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.collate import collate
-from data_pipelines.example import Example
-from data_pipelines.tokenize import IGNORE_INDEX
+from data_pipelines.batch.collate import collate
+from data_pipelines.render.example import Example
+from data_pipelines.render.tokenize import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: list[int], rows: int, capacity: int,

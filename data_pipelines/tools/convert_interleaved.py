@@ -1,8 +1,9 @@
 """`kakehashi data convert obelics|mmc4`: interleaved image-text documents -> `task: interleaved` shards.
 
 A document sample is `KEY.json` {"document": [{"text": ...}, {"image": 0}, ...]} with its images as `KEY.0.jpg`,
-`KEY.1.png`, ... in the order they appear (data_pipelines/samples.py: document_segments). Nothing is downloaded: the
-column (OBELICS) or field (MMC4) named on the command line holds each image's local path, relative to `--images`.
+`KEY.1.png`, ... in the order they appear (data_pipelines/render/samples.py: document_segments). Nothing is
+downloaded: the column (OBELICS) or field (MMC4) named on the command line holds each image's local path, relative to
+`--images`.
 A document with a missing or undecodable image, no text, or a malformed row is skipped and counted by reason.
 """
 
@@ -13,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from data_pipelines.convert import Record, Skip, image_entry, report_summary, sample_key, write_shards
 from data_pipelines.errors import UsageError
-from data_pipelines.templates import IMAGE_PLACEHOLDER
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER
+from data_pipelines.tools.convert import Record, Skip, image_entry, report_summary, sample_key, write_shards
 
 
 def document(items: list[tuple[str, object]], images_dir: Path, source: str | None) -> tuple[dict, list]:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from data_pipelines.errors import UsageError
-from data_pipelines.shards import expand_shard_patterns
+from data_pipelines.read.shards import expand_shard_patterns
 
 
 def shard_paths(patterns: list[str]) -> list[str]:
@@ -31,7 +31,7 @@ def load_tokenizer(path: str | None):
             return AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    from data_pipelines.tiny_tokenizer import build_tiny_tokenizer, load_or_build_tiny_tokenizer
+    from data_pipelines.synthetic.tiny_tokenizer import build_tiny_tokenizer, load_or_build_tiny_tokenizer
 
     cache = os.environ.get("KAKEHASHI_CACHE")
     if cache:

@@ -21,7 +21,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from data_pipelines.shard_reader import RawSample, iter_raw_samples
+from data_pipelines.read.shard_reader import RawSample, iter_raw_samples
 
 
 def seeded_rng(*parts) -> random.Random:

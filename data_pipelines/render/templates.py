@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from data_pipelines.chat_spans import chat_template_segments
+from data_pipelines.render.chat_spans import chat_template_segments
 
 IMAGE_PLACEHOLDER = "<image>"
 

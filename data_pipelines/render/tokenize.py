@@ -14,6 +14,11 @@ class EncodedSample:
     num_images: int
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, or its EOS where it has none (never a target)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def image_token_id(tokenizer, image_token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(image_token)
     if token_id is None or (token_id == tokenizer.unk_token_id and image_token != tokenizer.unk_token):

@@ -16,17 +16,17 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from data_pipelines.collate import collate
+from data_pipelines.batch.collate import collate
+from data_pipelines.batch.pack import collate_packed, first_fit_decreasing
 from data_pipelines.errors import TooManyBadSamples  # raised here; still importable from here
-from data_pipelines.example import Example
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
-from data_pipelines.pack import collate_packed, first_fit_decreasing
-from data_pipelines.samples import BadSample, prepare_sample
-from data_pipelines.shard_reader import RawSample
-from data_pipelines.streams import SourceStream, StreamState, UnitPlan, seeded_rng
-from data_pipelines.tokenize import encode
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
+from data_pipelines.read.shard_reader import RawSample
+from data_pipelines.read.streams import SourceStream, StreamState, UnitPlan, seeded_rng
+from data_pipelines.render.example import Example
+from data_pipelines.render.samples import BadSample, prepare_sample
+from data_pipelines.render.tokenize import encode
 
-logger = logging.getLogger("data_pipelines.loader")
+logger = logging.getLogger("data_pipelines.batch.loader")
 MIN_SAMPLES_FOR_BAD_LIMIT = 100  # judge the bad share only once it means something
 
 

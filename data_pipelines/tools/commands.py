@@ -12,13 +12,13 @@ import re
 import sys
 from pathlib import Path
 
-from data_pipelines import convert, convert_interleaved, verify
-from data_pipelines.cli_common import load_tokenizer, shard_paths
 from data_pipelines.errors import UsageError
 from data_pipelines.output import result, result_json
-from data_pipelines.samples import BadSample, prepare_sample
-from data_pipelines.shards import iter_raw_samples
-from data_pipelines.templates import TEMPLATES
+from data_pipelines.read.shards import iter_raw_samples
+from data_pipelines.render.samples import BadSample, prepare_sample
+from data_pipelines.render.templates import TEMPLATES
+from data_pipelines.tools import convert, convert_interleaved, verify
+from data_pipelines.tools.cli_common import load_tokenizer, shard_paths
 
 
 def register(subparsers) -> None:
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from data_pipelines.synth import synthesize
+    from data_pipelines.synthetic.synth import synthesize
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -71,7 +71,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _register_synth_bench(commands) -> None:
-    from data_pipelines.synth_bench import BENCH_TASKS, FORMATS
+    from data_pipelines.synthetic.synth_bench import BENCH_TASKS, FORMATS
 
     bench = commands.add_parser("synth-bench", help="write a small benchmark-shaped set (colour and shape questions "
                                                     "in a benchmark's published schema) for `kakehashi eval --task`")
@@ -88,7 +88,7 @@ def _register_synth_bench(commands) -> None:
 
 
 def cmd_synth_bench(args: argparse.Namespace) -> int:
-    from data_pipelines.synth_bench import synth_bench
+    from data_pipelines.synthetic.synth_bench import synth_bench
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

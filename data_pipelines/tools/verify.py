@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from data_pipelines.cli_common import load_tokenizer, shard_paths
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image
 from data_pipelines.output import result, result_json
-from data_pipelines.samples import BadSample, prepare_sample, sample_task
-from data_pipelines.shards import iter_raw_samples
+from data_pipelines.read.shards import iter_raw_samples
+from data_pipelines.render.samples import BadSample, prepare_sample, sample_task
+from data_pipelines.tools.cli_common import load_tokenizer, shard_paths
 
 
 def verify_shards(shards: list[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from data_pipelines.example import Example
-from data_pipelines.images import normalize
-from data_pipelines.tokenize import IGNORE_INDEX
+from data_pipelines.image.images import normalize
+from data_pipelines.render.example import Example
+from data_pipelines.render.tokenize import IGNORE_INDEX
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict:

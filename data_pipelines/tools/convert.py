@@ -1,4 +1,4 @@
-"""`kakehashi data convert llava|jsonl|hf|coco` (and `obelics|mmc4`: data_pipelines/convert_interleaved.py): other
+"""`kakehashi data convert llava|jsonl|hf|coco` (and `obelics|mmc4`: tools/convert_interleaved.py): other
 formats -> `OUT/<name>-NNNNNN.tar` shards plus `OUT/index.json`.
 
 Images keep their original bytes when they decode (modes and EXIF rotation are handled when read, so nothing is
@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from data_pipelines.errors import UsageError
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
 from data_pipelines.output import result
-from data_pipelines.shards import ShardWriter, write_manifest
-from data_pipelines.templates import IMAGE_PLACEHOLDER, conversation_turns
+from data_pipelines.read.shards import ShardWriter, write_manifest
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER, conversation_turns
 
 EXT_BY_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -240,7 +240,7 @@ def read_coco(path: Path) -> dict:
 
 def register(commands):
     """Add `convert llava|jsonl|hf|coco` to the `data` group's subparsers; returns the kinds' subparsers (where
-    data_pipelines/commands.py adds convert_interleaved's)."""
+    data_pipelines/tools/commands.py adds convert_interleaved's)."""
     convert = commands.add_parser("convert", help="convert LLaVA JSON, JSONL, a HF dataset, COCO captions or "
                                                   "interleaved documents into shards")
     kinds = convert.add_subparsers(dest="convert_kind", metavar="{llava,jsonl,hf,coco,obelics,mmc4}", required=True,

@@ -15,8 +15,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from data_pipelines.synth import COLOURS, SHAPES, synth_texts
-from data_pipelines.templates import IMAGE_PLACEHOLDER, TEMPLATES, TurnFormat, generation_prompt
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER, TEMPLATES, TurnFormat, generation_prompt
+from data_pipelines.synthetic.synth import COLOURS, SHAPES, synth_texts
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER]  # ids 0..4, in this order
 VOCAB_SIZE = 512

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipelines.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape, png_bytes
+from data_pipelines.synthetic.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape, png_bytes
 
 BENCH_TASKS = ("ja-vg-vqa-500", "ja-vlm-bench-in-the-wild", "japanese-heron-bench", "jmmmu", "jdocqa")
 SPLITS = {"japanese-heron-bench": "train"}  # the split eval-mm reads; the others read test

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from data_pipelines.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
-from data_pipelines.shards import RawSample
-from data_pipelines.templates import IMAGE_PLACEHOLDER, Segment, merge_segments, render
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from data_pipelines.read.shards import RawSample
+from data_pipelines.render.templates import IMAGE_PLACEHOLDER, Segment, merge_segments, render
 
 # task kind -> the JSON field its samples carry; the one list of tasks (recipe, loader and tools import it)
 TASK_FIELDS = {"caption": "caption", "vqa": "conversations", "interleaved": "document"}

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import braceexpand
 
-from data_pipelines.shard_reader import IMAGE_EXTS, RawSample, is_remote, iter_raw_samples  # noqa: F401 (re-exported)
+from data_pipelines.read.shard_reader import IMAGE_EXTS, RawSample, is_remote, iter_raw_samples  # noqa: F401 (re-exported)
 
 MANIFEST = "index.json"
 

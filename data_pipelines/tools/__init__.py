@@ -1,0 +1,1 @@
+"""the `kakehashi data` and `kakehashi bench data` commands: converters, verify, inspect, preview."""
