@@ -60,7 +60,7 @@ def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None
 
     from train.models import family_for
     from train.run import model_config_offline
-    from train.stages import plan_stage
+    from train.stages import describe_schedule, plan_stage
 
     family, config = family_for(recipe.model), model_config_offline(recipe)
     with torch.device("meta"):
@@ -74,7 +74,9 @@ def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None
             "frozen": {c: plan.table[c]["frozen"] for c in COMPONENTS}, "adapters": plan.adapters,
             "vision_blocks": plan.vision_blocks, "zero_stage": stage.zero_stage, "precision": stage.precision,
             "steps": stage.steps, "global_batch_size": stage.global_batch_size,
-            "micro_batch_size": stage.micro_batch_size,
+            "micro_batch_size": stage.micro_batch_size, "schedule": describe_schedule(stage),
+            "sources": [{"name": name, "task": source.task, "weight": source.weight,
+                         "loss_weight": source.loss_weight} for name, source in zip(stage.source_names(), stage.data)],
         })
         if gpus:
             stages[-1]["memory"] = stage_memory(family, config, recipe, stage, plan, gpus, gpu_memory)
@@ -93,6 +95,18 @@ def stage_memory(family, config, recipe, stage, plan, gpus: int, gpu_memory: int
     loss_chunk = None if recipe.model.loss == "full" else recipe.model.loss_chunk_size
     return memory.estimate(shapes, params, trainable, stage, gpus=gpus, gpu_memory=gpu_memory,
                            loss_chunk=loss_chunk).as_dict()
+
+
+def format_schedule(schedule: dict, steps: int) -> str:
+    warmup = f"warmup {schedule['warmup_steps']} step(s)"
+    floor = f"{schedule['min_lr_ratio']:g} x lr"
+    if schedule["kind"] == "cosine":
+        return f"cosine: {warmup}, then cosine to {floor} at step {steps}"
+    if schedule["kind"] == "constant":
+        return f"constant: {warmup}, then flat"
+    first = steps - schedule["decay_steps"] + 1
+    return (f"wsd: {warmup}, flat to step {first - 1}, {schedule['decay']} decay over steps {first}-{steps} "
+            f"to {floor}")
 
 
 def cmd_recipe_check(args) -> int:
@@ -124,6 +138,10 @@ def cmd_recipe_check(args) -> int:
                f"steps, global batch {stage['global_batch_size']} (micro {stage['micro_batch_size']})")
         result(format_freeze_table({c: {"trainable": stage["trainable"][c], "frozen": stage["frozen"][c]}
                                     for c in COMPONENTS}))
+        result(f"  lr: {format_schedule(stage['schedule'], stage['steps'])}")
+        result("  data: " + ", ".join(f"{s['name']} ({s['task']}, weight {s['weight']:g}"
+                                      + (f", loss_weight {s['loss_weight']:g}" if s["loss_weight"] != 1 else "") + ")"
+                                      for s in stage["sources"]))
         for component, count in stage["adapters"].items():
             result(f"  {component}: trained through LoRA adapters ({count:,} parameters)")
         if stage["vision_blocks"]:

@@ -23,4 +23,5 @@ def stage_loader(recipe: Recipe, index: int, processor, config, *, rank: int, wo
         image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
         max_length=stage.max_length, micro_batch_size=stage.micro_batch_size, seed=recipe.seed + index, rank=rank,
         world_size=world_size, num_workers=stage.data_workers if num_workers is None else num_workers,
-        bad_sample_limit=stage.bad_sample_limit, packing=stage.packing, **image_inputs)
+        bad_sample_limit=stage.bad_sample_limit, packing=stage.packing,
+        max_images_per_sample=stage.max_images_per_sample, **image_inputs)

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from data_pipelines.batch.collate import model_inputs
+from data_pipelines.render.tokenize import IGNORE_INDEX
 from train import checkpoint, distributed, flops, watchdog
 from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
 from train.models.base import ModelFamily
+from train.models.loss import SourceTokens
 from train.recipe import Stage
 from train.stages import ResolvedStage, StagePlan, build_optimizer, plan_stage, resolve_stage
 
@@ -35,6 +37,10 @@ class StepResult:
     positions: int           # padded positions (tokens / positions: the non-pad share)
     flops: float             # model FLOPs (train/flops.py)
     seconds: float
+    source_losses: dict[str, float] = field(default_factory=dict)  # source -> its targets' mean loss (unweighted)
+    source_targets: dict[str, int] = field(default_factory=dict)   # source -> its target tokens
+    lrs: dict[str, float] = field(default_factory=dict)  # param group -> the lr this step used (before the scheduler
+                                                          # moves it on for the next step)
 
 
 @dataclass
@@ -57,6 +63,8 @@ class StageContext:
     hooks: list = field(default_factory=list)
     start_step: int = 0      # the last step done before this process started (resume), else 0
     poison_loss: bool = False  # set by fault injection before a step: the step's loss becomes NaN
+    source_names: list[str] = field(default_factory=list)    # the stage's data sources (loss/<name>)
+    source_weights: list[float] = field(default_factory=list)  # their loss_weight
 
 
 def enable_fast_paths(family: ModelFamily, model, resolved: ResolvedStage) -> None:
@@ -129,7 +137,8 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
                        batches=BatchStream(loader), accumulation=resolved.accumulation, rank=rank,
                        world_size=world_size, device=distributed.device(),
                        image_token_id=model.config.image_token_index,
-                       vision_length=family.vision_length(model.config), hooks=hooks)
+                       vision_length=family.vision_length(model.config), hooks=hooks,
+                       source_names=stage.source_names(), source_weights=[s.loss_weight for s in stage.data])
     if resume_from is not None:
         resume(ctx, resume_from)
     return ctx
@@ -153,16 +162,25 @@ def resume(ctx: StageContext, path: Path) -> None:
 def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepResult:
     """One optimizer step over this rank's micro-batches; every figure returned is summed over all ranks."""
     engine, started = ctx.engine, time.perf_counter()
-    # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means)
+    lrs = {group["name"]: group["lr"] for group in ctx.optimizer.param_groups}
+    per_source = PerSource.of(ctx, micro_batches)
+    # normalise over every target token of the optimizer step, on all ranks (not a mean of per-batch means);
+    # with loss weights, over the weighted count of them
     watchdog.phase(f"step {step}: all-reduce of the target count")
-    targets = distributed.all_reduce_sum(sum(b["num_target_tokens"] for b in micro_batches))
+    targets = distributed.all_reduce_sum(per_source.weighted_targets() if per_source and per_source.weighted
+                                         else sum(b["num_target_tokens"] for b in micro_batches))
     scale = ctx.world_size * ctx.accumulation / max(targets, 1.0)  # DeepSpeed divides by both; undo it
-    # the step's figures stay on the device until one all-reduce at its end: no host sync per micro-batch
-    figures = torch.tensor([0.0, *counts(ctx, micro_batches)], dtype=torch.float64, device=ctx.device)
+    # the step's figures stay on the device until one all-reduce at its end: no host sync per micro-batch;
+    # [loss sum, tokens, samples, positions, flops, per source: loss sums (S), target tokens (S)]
+    extra = per_source.figures() if per_source else []
+    figures = torch.tensor([0.0, *counts(ctx, micro_batches), *extra], dtype=torch.float64, device=ctx.device)
     for micro, batch in enumerate(micro_batches):
         inputs = model_inputs(batch, ctx.device, ctx.batches.image_mean, ctx.batches.image_std)
+        if per_source:
+            inputs["sources"] = per_source.tokens(batch, ctx.device)
         watchdog.phase(f"step {step}: forward of micro-batch {micro + 1}")
-        micro_loss, _ = engine(**inputs)
+        outputs = engine(**inputs)
+        micro_loss = outputs[0]
         if ctx.poison_loss:
             micro_loss = micro_loss * float("nan")
         watchdog.phase(f"step {step}: backward of micro-batch {micro + 1}")
@@ -170,15 +188,63 @@ def train_step(ctx: StageContext, micro_batches: list[dict], step: int) -> StepR
         watchdog.phase(f"step {step}: optimizer step (micro-batch {micro + 1})")
         engine.step()  # the optimizer runs at the accumulation boundary, unless a gradient is not finite
         figures[0] += micro_loss.detach().double()
+        if per_source and outputs[2] is not None:
+            figures[5:5 + per_source.count] += outputs[2]
     if ctx.world_size > 1:
         watchdog.phase(f"step {step}: all-reduce of the step's figures")
         torch.distributed.all_reduce(figures)
-    loss_sum, tokens, samples, positions, step_flops = figures.tolist()
+    loss_sum, tokens, samples, positions, step_flops = figures[:5].tolist()
     loss = loss_sum / max(targets, 1.0)
     applied = engine.was_step_applied() and math.isfinite(loss)  # DeepSpeed all-reduces the non-finite flag
+    source_losses, source_targets = per_source.results(figures[5:].tolist()) if per_source else ({}, {})
+    if per_source and per_source.weighted:  # `targets` was the weighted count; report the tokens
+        targets = sum(source_targets.values())
     return StepResult(step=step, loss=loss, applied=applied, targets=int(targets),
                       tokens=int(tokens), samples=int(samples), positions=int(positions), flops=step_flops,
-                      seconds=time.perf_counter() - started)
+                      seconds=time.perf_counter() - started, lrs=lrs, source_losses=source_losses,
+                      source_targets=source_targets)
+
+
+@dataclass
+class PerSource:
+    """The loss per data source of one step: the loader's label_sources ([B, T], each label's index in the stage's
+    `data`) group the per-token losses the forward computes anyway (train/models/base.py: lm_loss_sum)."""
+
+    names: list[str]
+    weights: list[float]
+    counts: list[torch.Tensor]  # per micro-batch: target tokens per source [S] (host)
+
+    @classmethod
+    def of(cls, ctx: StageContext, micro_batches: list[dict]) -> PerSource | None:
+        if not ctx.source_names or any(b.get("label_sources") is None for b in micro_batches):
+            return None  # batches that do not say their sources (tests' hand-made ones): the step's loss only
+        size = len(ctx.source_names)
+        counts = [torch.bincount(b["label_sources"][:, 1:][b["labels"][:, 1:] != IGNORE_INDEX], minlength=size)
+                  for b in micro_batches]
+        return cls(ctx.source_names, ctx.source_weights, counts)
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    @property
+    def weighted(self) -> bool:
+        return any(weight != 1.0 for weight in self.weights)
+
+    def weighted_targets(self) -> float:
+        return float(sum(counts.double() @ torch.tensor(self.weights, dtype=torch.float64) for counts in self.counts))
+
+    def figures(self) -> list[float]:
+        return [0.0] * self.count + sum(self.counts).tolist()
+
+    def tokens(self, batch: dict, device) -> SourceTokens:
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=device) if self.weighted else None
+        return SourceTokens(batch["label_sources"].to(device, non_blocking=True), self.count, weights)
+
+    def results(self, figures: list[float]) -> tuple[dict[str, float], dict[str, int]]:
+        sums, targets = figures[:self.count], figures[self.count:]
+        return ({name: s / t for name, s, t in zip(self.names, sums, targets) if t},
+                {name: int(t) for name, t in zip(self.names, targets) if t})
 
 
 def counts(ctx: StageContext, micro_batches: list[dict]) -> list[float]:

@@ -112,17 +112,18 @@ class Metrics(Hook):
         if not (r.step % stage.log_every == 0 or r.step == stage.steps or not r.applied):
             return
         grad_norm = ctx.engine.get_global_grad_norm()
-        groups = ctx.optimizer.param_groups
         per_device = r.flops / r.seconds / ctx.world_size
         self.metrics.write({
-            "stage": stage.name, "step": r.step, "loss": r.loss, "lr": groups[0]["lr"],
-            "lr_by_group": {g["name"]: g["lr"] for g in groups},
+            "stage": stage.name, "step": r.step, "loss": r.loss, "lr": next(iter(r.lrs.values())),
+            "lr_by_group": r.lrs,  # the rates this step used
             "grad_norm": None if grad_norm is None else float(grad_norm), "skipped": not r.applied,
             "target_tokens": r.targets, "tokens": r.tokens, "samples": r.samples, "seconds": r.seconds,
             "tokens_per_s": r.tokens / r.seconds, "samples_per_s": r.samples / r.seconds,
             "nonpad_fraction": r.tokens / r.positions, "tflops_per_device": per_device / 1e12,
             "mfu": None if self.peak is None else per_device / self.peak,
             "bad_samples": ctx.batches.bad_samples(),  # {reason: count} on rank 0
+            **{f"loss/{name}": loss for name, loss in r.source_losses.items()},  # sources in this step only
+            **{f"target_tokens/{name}": n for name, n in r.source_targets.items()},
         })
 
 

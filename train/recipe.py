@@ -15,16 +15,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from data_pipelines.render.samples import TASKS  # the source tasks: caption, vqa, interleaved
 from data_pipelines.render.templates import (
     IMAGE_PLACEHOLDER as IMAGE_TOKEN,  # the placeholder in shard text and its token
 )
 from data_pipelines.render.templates import TEMPLATES as TEMPLATE_FORMATS
 from train.errors import RecipeError, UsageError  # noqa: F401 (re-exported: the recipe's errors)
+from train.models.loss import DEFAULT_LOSS, LOSSES
 
 COMPONENTS = ("vision_encoder", "projector", "llm")
 Component = Literal["vision_encoder", "projector", "llm"]
 TEMPLATES = tuple(TEMPLATE_FORMATS)  # the templates' names, defined once with their formats
 TemplateName = Literal[TEMPLATES]
+SCHEDULES = ("cosine", "wsd", "constant")  # a stage's lr schedule (train/stages.py: lr_multiplier)
+DECAYS = ("linear", "cosine")               # the shape of the wsd schedule's final decay
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
@@ -144,8 +148,8 @@ class ModelSpec(Strict):
     # the training loss: chunked (LM head + cross-entropy `loss_chunk_size` tokens at a time, recomputed in backward,
     # so the [tokens, vocab] logits are never held whole), full (all logits at once: the reference to compare
     # against), liger (Liger's fused linear cross-entropy: CUDA, liger-kernel installed, no ZeRO-3)
-    loss: Literal["chunked", "full", "liger"] = "chunked"
-    loss_chunk_size: int = Field(1024, gt=0)        # 1024 x a 100k vocabulary: 0.4 GB of fp32 logits
+    loss: Literal[LOSSES] = DEFAULT_LOSS[0]
+    loss_chunk_size: int = Field(DEFAULT_LOSS[1], gt=0)       # 1024 x a 100k vocabulary: 0.4 GB of fp32 logits
 
     @model_validator(mode="before")
     @classmethod
@@ -220,13 +224,21 @@ def _agree(section: str, given: Any, defaults: Any, init: str, problems: list[st
 
 class DataSource(Strict):
     shards: str | list[str]                            # brace patterns / globs, e.g. data/cap-{000000..000009}.tar
-    weight: float = Field(1.0, gt=0)
-    task: Literal["caption", "vqa"]
-    name: str | None = None
+    weight: float = Field(1.0, gt=0)                   # share of the samples drawn
+    task: str                                          # caption | vqa | interleaved (render.samples.TASKS)
+    name: str | None = None                            # default source<i>; metrics log loss/<name>
+    loss_weight: float = Field(1.0, gt=0)              # the source's tokens' weight in the step's loss
 
     @property
     def patterns(self) -> list[str]:
         return [self.shards] if isinstance(self.shards, str) else list(self.shards or ())
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; known: {', '.join(TASKS)}")
+        return value
 
     @field_validator("shards")
     @classmethod
@@ -260,13 +272,13 @@ class EvalSource(DataSource):
     `eval_samples` samples, logged as eval/<name>/<metric>)."""
 
     shards: str | list[str] | None = None
-    task: Literal["caption", "vqa"] | None = None
+    task: str | None = None
     benchmark: str | None = None
     path: str | None = None
 
     @model_validator(mode="after")
     def _shards_or_benchmark(self, info: ValidationInfo) -> EvalSource:
-        problems = []
+        problems = ["loss_weight weighs training sources only"] if self.loss_weight != 1.0 else []
         if self.benchmark is None:
             problems += [f"{f} is missing (or name a `benchmark` and its `path`)" for f in ("shards", "task")
                          if getattr(self, f) is None]
@@ -314,7 +326,12 @@ class Stage(Strict):
     train: list[Component]                             # trained components; the others are frozen
     lr: LearningRates
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)      # linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)      # linear warmup from 0 over this share of the steps, then:
+    schedule: str = "cosine"                           # cosine: decay to min_lr_ratio * lr over the rest;
+                                                       #   wsd: flat at lr, then `decay` over the last decay_ratio;
+                                                       #   constant: flat at lr after the warmup
+    decay_ratio: float | None = Field(None, gt=0, le=1)  # wsd only: share of the steps the final decay takes
+    decay: str = "linear"                              # wsd only: linear | cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     steps: int = Field(gt=0)                           # optimizer steps
     global_batch_size: int = Field(gt=0)               # rows per optimizer step, all ranks
@@ -337,6 +354,8 @@ class Stage(Strict):
     # stacks and exits 6; 0 = off. Well above the slowest step (the first, compiling, included)
     watchdog_s: int = Field(1800, ge=0)
     bad_sample_limit: float = Field(0.01, ge=0, le=1)  # the stage fails when more of the samples read are bad
+    max_images_per_sample: int | None = Field(None, gt=0)  # interleaved documents keep their first N images (the
+                                                       #   text around the others stays); None: all that fit
     data: list[DataSource] = Field(min_length=1)
     # periodic evaluation (train/periodic_eval.py): every `eval_every` steps and at the stage end; 0 = off
     eval_every: int = Field(0, ge=0)
@@ -353,9 +372,35 @@ class Stage(Strict):
             raise ValueError("a component is listed twice")
         return value
 
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        if value not in SCHEDULES:
+            raise ValueError(f"unknown schedule {value!r}; known: {', '.join(SCHEDULES)}")
+        return value
+
+    @field_validator("decay")
+    @classmethod
+    def _known_decay(cls, value: str) -> str:
+        if value not in DECAYS:
+            raise ValueError(f"unknown decay {value!r}; known: {', '.join(DECAYS)}")
+        return value
+
+    def _schedule_problems(self) -> list[str]:
+        if self.schedule != "wsd":
+            # non-defaults only: a resolved recipe (dump_recipe) spells every default out
+            given = ["decay_ratio"] * (self.decay_ratio is not None) + ["decay"] * (self.decay != "linear")
+            return [f"{f} is set but schedule is {self.schedule} (it shapes the wsd schedule only)" for f in given]
+        if self.decay_ratio is None:
+            return ["decay_ratio is missing: schedule wsd decays over the last decay_ratio of the steps"]
+        if self.warmup_ratio + self.decay_ratio > 1:
+            return [f"warmup_ratio {self.warmup_ratio} + decay_ratio {self.decay_ratio} is more than 1: "
+                    "the warmup and the decay overlap"]
+        return []
+
     @model_validator(mode="after")
     def _consistent(self) -> Stage:
-        problems = []
+        problems = self._schedule_problems()
         for component in COMPONENTS:
             lr = getattr(self.lr, component)
             if component in self.train and lr is None:
@@ -387,6 +432,12 @@ class Stage(Strict):
     def trains(self, component: str) -> bool:
         return component in self.train
 
+    def source_names(self) -> list[str]:
+        """Each `data` source's name as the loader and the metrics (loss/<name>) give it: `name`, else source<i>;
+        a repeated name gets its index."""
+        names = [source.name or f"source{i}" for i, source in enumerate(self.data)]
+        return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
     def lora_components(self) -> dict[str, LoraSpec]:
         return {c: spec for c in ("vision_encoder", "llm") if (spec := getattr(self.lora, c)) is not None}
 
@@ -398,6 +449,7 @@ class Synthesize(Strict):
     samples: int = Field(2000, gt=0)
     seed: int = 0
     image_size: int = Field(64, gt=0)
+    documents: int = Field(0, ge=0)                    # interleaved documents (docs-*.tar; task interleaved)
 
 
 class Checkpointing(Strict):
@@ -439,6 +491,10 @@ class Recipe(Strict):
         zero3 = [stage.name for stage in self.stages if stage.zero_stage == 3]
         if self.model.loss == "liger" and zero3:  # Liger reads the LM head's weight, which ZeRO-3 partitions
             raise ValueError(f"model.loss: liger cannot run under ZeRO-3 (stages {', '.join(zero3)}); use chunked")
+        weighted = [stage.name for stage in self.stages if any(s.loss_weight != 1.0 for s in stage.data)]
+        if self.model.loss == "liger" and weighted:  # its fused kernel keeps no per-token loss to weigh
+            raise ValueError(f"model.loss: liger cannot weigh sources (loss_weight in stages {', '.join(weighted)}); "
+                             "use chunked")
         return self
 
     @model_validator(mode="after")

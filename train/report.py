@@ -65,14 +65,13 @@ def _points(records: list[dict], field: str) -> list[tuple[int, float]]:
 
 
 def write_plots(run_dir: Path, out: Path) -> list[Path]:
-    """Per stage: STAGE.png (training curves), STAGE-throughput.png (tokens/s, and MFU when logged), and
+    """Per stage: STAGE.png (training curves: loss, each source's loss when logged, lr, gradient norm),
+    STAGE-throughput.png (tokens/s, and MFU when logged), and
     STAGE-eval.png (periodic eval: loss per source, exact match, ROUGE-L) when the stage evaluated."""
     written = []
     evals = read_metrics(run_dir, "eval")
     for stage, records in read_metrics(run_dir).items():
-        fields = [f for f in PLOTTED if _points(records, f)]
-        written.append(_plot_panels(out / f"{stage}.png", f"stage {stage}",
-                                    [(PLOTTED[f], {f: _points(records, f)}) for f in fields]))
+        written.append(_plot_panels(out / f"{stage}.png", f"stage {stage}", training_panels(records)))
         throughput = [f for f in THROUGHPUT if _points(records, f)]  # mfu is null when the FLOPs are unknown
         if throughput:
             written.append(_plot_panels(out / f"{stage}-throughput.png", f"stage {stage}: throughput",
@@ -81,6 +80,16 @@ def write_plots(run_dir: Path, out: Path) -> list[Path]:
             written.append(_plot_panels(out / f"{stage}-eval.png", f"stage {stage}: periodic eval",
                                         eval_panels(evals[stage])))
     return written
+
+
+def training_panels(records: list[dict]) -> list[tuple[str, dict]]:
+    """STAGE.png's panels: loss, the loss of each source when logged (a source is absent from the steps it gave no
+    target to), learning rate, gradient norm."""
+    panels = [(PLOTTED[f], {f: _points(records, f)}) for f in PLOTTED if _points(records, f)]
+    sources = sorted({k for r in records for k in r if k.startswith("loss/")})
+    if sources:
+        panels.insert(1, ("loss per source", {k.removeprefix("loss/"): _points(records, k) for k in sources}))
+    return panels
 
 
 def benchmark_fields(records: list[dict]) -> list[str]:

@@ -188,8 +188,10 @@ def synthesize_missing_data(recipe: Recipe) -> None:
     from data_pipelines.synthetic.synth import synthesize
 
     spec = recipe.synthesize
-    log.info("synthesizing %d caption + %d VQA samples into %s", spec.samples, spec.samples, spec.out)
-    synthesize(Path(spec.out), samples=spec.samples, seed=spec.seed, image_size=spec.image_size)
+    log.info("synthesizing %d caption + %d VQA samples (+ %d documents) into %s", spec.samples, spec.samples,
+             spec.documents, spec.out)
+    synthesize(Path(spec.out), samples=spec.samples, seed=spec.seed, image_size=spec.image_size,
+               documents=spec.documents)
 
 
 def build_processor(recipe: Recipe, cache_dir: Path, stand_in: bool = False):

@@ -18,7 +18,7 @@ from train import flops
 from train.errors import RecipeError, UsageError
 from train.models.base import ModelFamily
 from train.models.weights import parameter_size
-from train.recipe import COMPONENTS, Stage
+from train.recipe import COMPONENTS, SCHEDULES, Stage
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,62 @@ def warmup_cosine(stage: Stage):
         return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return multiplier
+
+
+def wsd_phases(stage: Stage) -> tuple[int, int]:
+    """(warmup steps, first step of the decay) of a wsd stage: the warmup takes ceil(warmup_ratio * steps) steps, the
+    decay the last ceil(decay_ratio * steps) (at least one), and the lr is flat between them."""
+    warmup = math.ceil(stage.warmup_ratio * stage.steps)
+    decay = max(1, min(math.ceil(stage.decay_ratio * stage.steps), stage.steps - warmup))
+    return warmup, stage.steps - decay
+
+
+def warmup_stable_decay(stage: Stage):
+    """Multiplier: linear warmup from 0, flat at 1, then a linear or cosine decay over the last steps, the last one
+    at min_lr_ratio (as the warmup's first step is 1/warmup, not 0). The flat phase can be lengthened (more steps,
+    the same decay) without redoing what came before the decay."""
+    warmup, decay_start = wsd_phases(stage)
+    floor = stage.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / (stage.steps - decay_start))
+        if stage.decay == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return multiplier
+
+
+def warmup_constant(stage: Stage):
+    """Multiplier: linear warmup from 0, then 1 to the end."""
+    warmup = math.ceil(stage.warmup_ratio * stage.steps)
+    return lambda step: (step + 1) / warmup if step < warmup else 1.0
+
+
+SCHEDULE_FUNCTIONS = {"cosine": warmup_cosine, "wsd": warmup_stable_decay, "constant": warmup_constant}
+
+
+def lr_multiplier(stage: Stage):
+    """The stage's schedule (recipe.SCHEDULES) as a multiplier of the optimizer step index from 0."""
+    return SCHEDULE_FUNCTIONS[stage.schedule](stage)
+
+
+assert set(SCHEDULE_FUNCTIONS) == set(SCHEDULES), "every schedule the recipe accepts has its function"
+
+
+def describe_schedule(stage: Stage) -> dict:
+    """The stage's schedule in optimizer steps (1-based, as metrics.jsonl counts them), for `recipe check`:
+    {"kind", "warmup_steps", and for wsd "decay_steps" (the last ones) and "decay"}."""
+    warmup = math.ceil(stage.warmup_ratio * stage.steps)
+    described = {"kind": stage.schedule, "warmup_steps": warmup, "min_lr_ratio": stage.min_lr_ratio}
+    if stage.schedule == "wsd":
+        warmup, decay_start = wsd_phases(stage)
+        described.update(decay_steps=stage.steps - decay_start, decay=stage.decay)
+    return described
 
 
 @dataclass(frozen=True)
@@ -242,5 +298,5 @@ def build_optimizer(family: ModelFamily, model: nn.Module, stage: Stage, resolve
         optimizer = GuardedAdamW(groups, max_grad_norm=clip, **ADAMW)
     else:
         optimizer = torch.optim.AdamW(groups, **ADAMW)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(stage))
     return optimizer, scheduler

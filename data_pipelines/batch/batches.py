@@ -57,6 +57,7 @@ class WorkerConfig:
     packing: bool = False  # rows hold several examples up to max_length tokens (see pack.py)
     patchify: Callable | None = None  # patches.DynamicResolutionPatches (Qwen2-VL): no image_size, no transform
     image_start_end: tuple[str, str] | None = None  # special tokens around each image's tokens
+    max_images_per_sample: int | None = None  # documents keep their first N images (None: all)
 
 
 @dataclass
@@ -209,9 +210,11 @@ class WorkerBatches:
 def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
     """Check, render, tokenize and decode one raw sample of source `source` as every loader does (training and
     periodic eval alike). Raises BadSample."""
+    document = config.tasks[source] == "interleaved"
     prepared = prepare_sample(raw, task=config.tasks[source], template=config.template,
                               eos_token=config.tokenizer.eos_token, tokenizer=config.tokenizer,
-                              decode_images=config.patchify is not None, max_image_pixels=config.max_image_pixels)
+                              decode_images=config.patchify is not None, max_image_pixels=config.max_image_pixels,
+                              max_images=config.max_images_per_sample)
     tokens_per_image, patches, grid = config.tokens_per_image, None, None
     if config.patchify is not None and prepared.images:  # dynamic resolution: measure each image first
         try:
@@ -220,15 +223,16 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
             raise BadSample("unusable_image", str(err)) from None
         tokens_per_image = config.patchify.tokens(grid)
     encoded = encode(prepared.segments, config.tokenizer, tokens_per_image=tokens_per_image,
-                     max_length=config.max_length, image_start_end=config.image_start_end)
+                     max_length=config.max_length, image_start_end=config.image_start_end,
+                     cut_between_segments=document)
     if encoded is None:
         raise BadSample("too_long", f"no target token fits in {config.max_length} tokens")
     if config.patchify is not None:
         kept = int(grid[: encoded.num_images].prod(-1).sum()) if encoded.num_images else 0
-        return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
+        return Example(key=raw.key, source=config.names[source], source_id=source, input_ids=encoded.input_ids,
                        labels=encoded.labels, pixel_values=patches[:kept] if kept else None,
                        image_grid_thw=grid[: encoded.num_images] if kept else None)
-    images = raw.images[: encoded.num_images]  # truncation may drop whole trailing images
+    images = raw.images[: encoded.num_images]  # truncation (or max_images_per_sample) drops whole trailing images
     pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
     try:
         if images and config.image_size is not None:
@@ -239,5 +243,5 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
                                                    for data in images])
     except ImageError as err:
         raise BadSample(err.reason, str(err)) from None
-    return Example(key=raw.key, source=config.names[source], input_ids=encoded.input_ids,
+    return Example(key=raw.key, source=config.names[source], source_id=source, input_ids=encoded.input_ids,
                    labels=encoded.labels, pixel_values=pixel_values)

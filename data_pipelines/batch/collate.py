@@ -17,7 +17,9 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     flattened patches [N_patches, patch_dim] and image_grid_thw [N_images, 3], both in example order;
     num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
     num_samples, sample_lengths: examples in the batch and their token counts (for throughput and FLOP accounting);
-    keys, sources: per example, the sample key and source name (for logging; not model inputs).
+    keys, sources: per example, the sample key and source name (for logging; not model inputs);
+    label_sources: [B, T] long, the source index (in the stage's `data`) of each position, -1 on padding (the
+    engine's loss per source; not a model input of its own).
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -25,11 +27,14 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)  # [B, T]
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)  # [B, T]
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    label_sources = torch.full((len(examples), length), -1, dtype=torch.long)  # [B, T]
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+        label_sources[row, :n] = (torch.tensor(example.token_sources, dtype=torch.long)
+                                  if example.token_sources is not None else example.source_id)
     images = [example.pixel_values for example in examples if example.pixel_values is not None]
     pixel_values = torch.cat(images) if images else None  # [N_images, 3, H, W], dtype kept (uint8 from workers)
     grids = [example.image_grid_thw for example in examples if example.image_grid_thw is not None]
@@ -37,6 +42,7 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
+        "label_sources": label_sources,
         "pixel_values": pixel_values,
         "image_grid_thw": torch.cat(grids) if grids else None,  # [N_images, 3] with flattened patches, else None
         "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),

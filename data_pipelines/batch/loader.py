@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -26,6 +26,7 @@ from data_pipelines.batch.batches import WorkerBatches, WorkerConfig, bad_share_
 from data_pipelines.errors import TooManyBadSamples
 from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
 from data_pipelines.read.shards import expand_shard_patterns
+from data_pipelines.render.samples import TASKS
 from data_pipelines.render.templates import template_format
 from data_pipelines.render.tokenize import image_token_id, pad_token_id
 
@@ -46,7 +47,7 @@ __all__ = ["MixtureLoader", "SourceSpec", "TooManyBadSamples"]
 class SourceSpec:
     shards: list[str]  # patterns: paths, globs, brace ranges, pipe:/http(s) URLs
     weight: float  # relative share of micro-batch samples
-    task: Literal["caption", "vqa"]
+    task: str  # one of samples.TASKS
     name: str
 
 
@@ -99,12 +100,14 @@ class MixtureLoader:
                  image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
                  resize_mode: ResizeMode = "squash", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  bad_sample_limit: float = 0.01, prefetch_factor: int = 2, packing: bool = False,
-                 patchify: Callable | None = None, image_start_end: tuple[str, str] | None = None):
+                 patchify: Callable | None = None, image_start_end: tuple[str, str] | None = None,
+                 max_images_per_sample: int | None = None):
         if not sources:
             raise ValueError("a mixture needs at least one source")
         for source in sources:
-            if source.task not in ("caption", "vqa"):
-                raise ValueError(f"source {source.name!r}: task must be 'caption' or 'vqa', got {source.task!r}")
+            if source.task not in TASKS:
+                raise ValueError(f"source {source.name!r}: task must be one of {', '.join(TASKS)}, "
+                                 f"got {source.task!r}")
             if not source.weight > 0:
                 raise ValueError(f"source {source.name!r}: weight must be > 0, got {source.weight}")
         if (tokens_per_image is None) != (patchify is not None):
@@ -132,7 +135,8 @@ class MixtureLoader:
             num_workers=max(num_workers, 1), shuffle_buffer=shuffle_buffer, pad_token_id=pad,
             image_size=image_size, resize_mode=resize_mode, image_transform=image_transform,
             max_image_pixels=max_image_pixels, bad_sample_limit=bad_sample_limit, packing=packing, patchify=patchify,
-            image_start_end=tuple(image_start_end) if image_start_end else None)
+            image_start_end=tuple(image_start_end) if image_start_end else None,
+            max_images_per_sample=max_images_per_sample)
         self._worker_states: list[dict | None] = [None] * self.config.num_workers
         self._batches_returned = 0
         self._iterator: Iterator[dict] | None = None

@@ -55,8 +55,9 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> dict:
 
 
 def _concatenated(row: list[Example]) -> Example:
-    input_ids, labels, images, grids = [], [], [], []
+    input_ids, labels, images, grids, sources = [], [], [], [], []
     for example in row:
+        sources += example.token_sources or [example.source_id] * len(example.input_ids)
         input_ids += example.input_ids
         labels += [IGNORE_INDEX] + example.labels[1:]
         if example.pixel_values is not None:
@@ -65,4 +66,4 @@ def _concatenated(row: list[Example]) -> Example:
             grids.append(example.image_grid_thw)
     return Example(key=row[0].key, source=row[0].source, input_ids=input_ids, labels=labels,
                    pixel_values=torch.cat(images) if images else None,
-                   image_grid_thw=torch.cat(grids) if grids else None)
+                   image_grid_thw=torch.cat(grids) if grids else None, token_sources=sources)

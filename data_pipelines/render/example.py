@@ -15,3 +15,5 @@ class Example:
     labels: list[int]
     pixel_values: torch.Tensor | None  # [n_images, 3, H, W] (or [n_patches, patch_dim] flattened), None: no image
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3] (t, h, w in patches) with flattened patches
+    source_id: int = -1  # the source's index in the stage's `data` (-1: unknown), for the loss per source
+    token_sources: list[int] | None = None  # per token, when a packed row joins examples of several sources

@@ -76,15 +76,16 @@ def render(meta: dict, template: str, eos_token: str, tokenizer=None, *, num_ima
         if not isinstance(meta["caption"], str) or not meta["caption"]:
             raise ValueError("caption must be a non-empty string")
         turns = [(f"{IMAGE_PLACEHOLDER}\n" * num_images, meta["caption"])]
-        return _merge(_render_turns(turns, TEMPLATES["plain"], eos_token))
+        return merge_segments(_render_turns(turns, TEMPLATES["plain"], eos_token))
     if "conversations" not in meta or "caption" in meta:
         raise ValueError("sample must have exactly one of 'caption' and 'conversations'")
     turns = conversation_turns(meta["conversations"])
     if isinstance(fmt, TokenizerChatTemplate):
         if tokenizer is None:
             raise ValueError("the chat template needs a tokenizer")
-        return _merge([Segment(text, target) for text, target in chat_template_segments(turns, tokenizer, eos_token)])
-    return _merge(_render_turns(turns, fmt, eos_token))
+        return merge_segments([Segment(text, target)
+                               for text, target in chat_template_segments(turns, tokenizer, eos_token)])
+    return merge_segments(_render_turns(turns, fmt, eos_token))
 
 
 def _render_turns(turns: list[tuple[str, str]], fmt: TurnFormat, eos_token: str) -> list[Segment]:
@@ -98,7 +99,7 @@ def _render_turns(turns: list[tuple[str, str]], fmt: TurnFormat, eos_token: str)
     return segments
 
 
-def _merge(segments: list[Segment]) -> list[Segment]:
+def merge_segments(segments: list[Segment]) -> list[Segment]:
     merged: list[Segment] = []
     for segment in segments:
         if not segment.text:

@@ -27,7 +27,8 @@ def image_token_id(tokenizer, image_token: str) -> int:
 
 
 def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_image: int | list[int],
-           max_length: int, image_start_end: tuple[str, str] | None = None) -> EncodedSample | None:
+           max_length: int, image_start_end: tuple[str, str] | None = None,
+           cut_between_segments: bool = False) -> EncodedSample | None:
     """Token ids and labels for `segments` (from templates.render), or None when the sample cannot fit.
 
     Each segment is tokenized on its own (without added special tokens) so the target boundary is exact; text
@@ -36,6 +37,9 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
     whole); None when no target token is left, e.g. when the image tokens alone do not fit.
     `tokens_per_image`: one count for every image, or one per image in placeholder order (dynamic resolution).
     `image_start_end`: two special tokens that wrap each image's tokens (never targets).
+    `cut_between_segments` (documents): longer than `max_length`, cut after the last target segment that fits whole,
+    so no text is cut mid-sentence and no image is left without text after it; when not even the first target
+    segment fits, cut inside it as above.
     """
     image_id = image_token_id(tokenizer, image_token)
     counts = tokens_per_image if isinstance(tokens_per_image, list) else None
@@ -44,6 +48,7 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
     labels: list[int] = []
     image_starts: list[int] = []
     image_ends: list[int] = []
+    segment_ends: list[int] = []  # where each target segment ends
     if tokenizer.bos_token_id is not None:
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
@@ -62,8 +67,11 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
                 ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
                 input_ids += ids
                 labels += ids if is_target else [IGNORE_INDEX] * len(ids)
+        if is_target:
+            segment_ends.append(len(input_ids))
     if len(input_ids) > max_length:
-        cut = max_length
+        fitting = [end for end in segment_ends if end <= max_length] if cut_between_segments else []
+        cut = fitting[-1] if fitting else max_length
         for start, end in zip(image_starts, image_ends):  # never cut inside an image's tokens: drop it whole
             if start < cut < end:
                 cut = start

@@ -37,6 +37,7 @@ TEXT_ONLY_QA = (  # questions about colours and shapes that need no image
     ("空は晴れた日に何色に見えますか？", "青色です。"),
 )
 SOURCE = "synth-shapes"
+DOCUMENT_OPENING = "図形を順に紹介します。"
 
 
 def draw_shape(rng: random.Random, shape: str, colour: str, image_size: int = 64) -> Image.Image:
@@ -90,13 +91,25 @@ def vqa_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[st
     return {"conversations": _turns(pairs), "source": SOURCE}, [("png", png_bytes(image))]
 
 
+def document_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[str, bytes]]]:
+    """An interleaved document: an opening sentence, then 2-4 shapes, each image followed by the sentence naming
+    it (so the text after an image is predictable only from the image)."""
+    items, images = [{"text": DOCUMENT_OPENING}], []
+    for index in range(rng.randint(2, 4)):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        images.append(("png", png_bytes(draw_shape(rng, shape, colour, image_size))))
+        items += [{"image": index}, {"text": rng.choice(CAPTION_PATTERNS).format(c=colour, s=shape)}]
+    return {"document": items, "source": SOURCE}, images
+
+
 def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
     return [turn for q, a in pairs for turn in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
 def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_per_shard: int = 500,
-               image_size: int = 64) -> dict[str, list[str]]:
-    """Write `samples` caption and `samples` VQA samples as captions-NNNNNN.tar / vqa-NNNNNN.tar plus index.json.
+               image_size: int = 64, documents: int = 0) -> dict[str, list[str]]:
+    """Write `samples` caption and `samples` VQA samples as captions-NNNNNN.tar / vqa-NNNNNN.tar plus index.json,
+    and `documents` interleaved documents as docs-NNNNNN.tar (none by default: the set stays what it was).
 
     Byte-identical for the same arguments. index.json is written last, so its presence means the set is complete.
     """
@@ -104,10 +117,13 @@ def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     written: dict[str, list[str]] = {}
-    for task, prefix, make in (("caption", "captions", caption_sample), ("vqa", "vqa", vqa_sample)):
+    kinds = [("caption", "captions", caption_sample, samples), ("vqa", "vqa", vqa_sample, samples)]
+    kinds += [("interleaved", "docs", document_sample, documents)] if documents else []
+    counts = {task: count for task, _, _, count in kinds}
+    for task, prefix, make, count in kinds:
         rng = random.Random(f"kakehashi-synth:{seed}:{task}")  # str seeds are hashed stably across processes
         with ShardWriter(out, prefix, samples_per_shard) as writer:
-            for n in range(samples):
+            for n in range(count):
                 meta, images = make(rng, image_size)
                 writer.write(f"{prefix}{n:06d}", meta, images)
         written[task] = writer.paths
@@ -115,7 +131,8 @@ def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_
     index = {
         "source": SOURCE, "seed": seed, "image_size": image_size,
         "shards": [
-            {"task": task, "path": Path(path).name, "samples": min(samples_per_shard, samples - i * samples_per_shard)}
+            {"task": task, "path": Path(path).name,
+             "samples": min(samples_per_shard, counts[task] - i * samples_per_shard)}
             for task, paths in written.items() for i, path in enumerate(paths)
         ],
     }
@@ -139,4 +156,4 @@ def synth_texts() -> list[str]:
     texts += [COLOUR_QUESTION, SHAPE_QUESTION, f"<image>\n{COLOUR_QUESTION}", f"<image>\n{SHAPE_QUESTION}"]
     texts += [f"{c}色です。" for c in COLOURS] + [f"{s}です。" for s in SHAPES]
     texts += [text for pair in TEXT_ONLY_QA for text in pair]
-    return texts
+    return texts  # not DOCUMENT_OPENING: builtin:tiny-ja is trained on these, and must stay the tokenizer it was

@@ -17,7 +17,7 @@ from data_pipelines.output import result, result_json
 from data_pipelines.read.shards import iter_raw_samples
 from data_pipelines.render.samples import BadSample, prepare_sample
 from data_pipelines.render.templates import TEMPLATES
-from data_pipelines.tools import convert, verify
+from data_pipelines.tools import convert, convert_interleaved, verify
 from data_pipelines.tools.cli_common import load_tokenizer, shard_paths
 
 
@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     synth.add_argument("--samples", type=int, default=2000, help="samples of each task (caption, vqa)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    synth.add_argument("--documents", type=int, default=0, help="interleaved documents (docs-*.tar; default 0)")
     synth.add_argument("--samples-per-shard", type=int, default=500)
     synth.add_argument("--force", action="store_true", help="overwrite shards already in --out")
     synth.set_defaults(func=cmd_synth)
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
                               '...], "shown", "bad"}')
     preview.add_argument("--tokenizer", help="tokenizer folder (default: the built-in tiny Japanese tokenizer)")
     preview.set_defaults(func=cmd_preview)
-    convert.register(commands)
+    convert_interleaved.register(convert.register(commands))
     verify.register(commands)
 
 
@@ -58,11 +59,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and not args.force and (any(out.glob("*.tar")) or (out / "index.json").exists()):
         raise UsageError(f"{out} already holds shards; use --force to overwrite them")
-    if args.samples < 1 or args.image_size < 8 or args.samples_per_shard < 1:
-        raise UsageError("--samples and --samples-per-shard must be >= 1 and --image-size >= 8")
+    if args.samples < 1 or args.image_size < 8 or args.samples_per_shard < 1 or args.documents < 0:
+        raise UsageError("--samples and --samples-per-shard must be >= 1, --documents >= 0 and --image-size >= 8")
     written = synthesize(out, samples=args.samples, seed=args.seed, samples_per_shard=args.samples_per_shard,
-                         image_size=args.image_size)
-    parts = [f"{args.samples} {task} samples in {shard_range(paths)}" for task, paths in written.items()]
+                         image_size=args.image_size, documents=args.documents)
+    counts = {"interleaved": args.documents}
+    parts = [f"{counts.get(task, args.samples)} {task} samples in {shard_range(paths)}"
+             for task, paths in written.items()]
     result(f"synthesized {', '.join(parts)}")
     return 0
 

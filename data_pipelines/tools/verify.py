@@ -37,10 +37,11 @@ def histogram(values: list[int]) -> dict[str, int]:
 
 
 def inspect_shards(shards: list[str], tokenizer) -> dict:
-    """Counts per task kind and source, image side histograms (headers only) and text token length histogram."""
+    """Counts per task kind and source, image side histograms (headers only), text token length and images per
+    sample histograms (a document's text tokens: all its texts)."""
     kinds: Counter[str] = Counter()
     sources: Counter[str] = Counter()
-    widths, heights, tokens = [], [], []
+    widths, heights, tokens, per_sample = [], [], [], []
     images = 0
     for shard in shards:
         for raw in iter_raw_samples(shard):
@@ -51,6 +52,7 @@ def inspect_shards(shards: list[str], tokenizer) -> dict:
             kinds[f"{kind} (text only)" if not raw.images else kind] += 1
             sources[str(raw.meta.get("source", "-"))] += 1
             images += len(raw.images)
+            per_sample.append(len(raw.images))
             for data in raw.images:
                 try:
                     width, height = open_image(data).size
@@ -59,10 +61,12 @@ def inspect_shards(shards: list[str], tokenizer) -> dict:
                 widths.append(width)
                 heights.append(height)
             text = raw.meta.get("caption") or " ".join(
-                str(turn.get("content", "")) for turn in raw.meta.get("conversations") or [] if isinstance(turn, dict))
+                str(item.get("content", item.get("text", ""))) for item in
+                raw.meta.get("conversations") or raw.meta.get("document") or [] if isinstance(item, dict))
             tokens.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return {"samples": sum(kinds.values()), "kinds": dict(kinds), "sources": dict(sources), "images": images,
-            "image_width": histogram(widths), "image_height": histogram(heights), "text_tokens": histogram(tokens)}
+            "image_width": histogram(widths), "image_height": histogram(heights), "text_tokens": histogram(tokens),
+            "images_per_sample": dict(sorted(Counter(str(n) for n in per_sample).items(), key=lambda i: int(i[0])))}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -84,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         result_json(report)
         return 0
     result(f"{report['samples']} samples, {report['images']} images in {len(shards)} shard(s)")
-    for title in ("kinds", "sources", "image_width", "image_height", "text_tokens"):
+    for title in ("kinds", "sources", "image_width", "image_height", "text_tokens", "images_per_sample"):
         result(f"{title}: " + ", ".join(f"{name}: {count}" for name, count in report[title].items()))
     return 0
 

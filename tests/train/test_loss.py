@@ -15,8 +15,8 @@ from tests.train.test_qwen2vl import SARASHINA, images, text_with_images
 from train.engine import train_stage
 from train.hooks import stage_hooks
 from train.lora import inject_adapters
-from train.models.base import loss_of
 from train.models.llava import LLAVA, LlavaForTraining
+from train.models.loss import loss_of
 from train.models.qwen2vl import QWEN2VL
 from train.recipe import RecipeError, load_recipe
 from train.reporting import MetricsLog

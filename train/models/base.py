@@ -1,6 +1,6 @@
-"""The interface every model family implements (ModelFamily), and the training loss families share. The helpers a
-family's module builds on live by job beside it: weights.py (reading and copying weights, model.init's directory),
-configs.py (architecture records), tokenizers.py (the recipe's tokenizer and its stand-in).
+"""The interface every model family implements (ModelFamily). The helpers a family's module builds on live by job
+beside it: weights.py (reading and copying weights, model.init's directory), configs.py (architecture records),
+tokenizers.py (the recipe's tokenizer and its stand-in), loss.py (the training loss every family's forward returns).
 
 A family (train/models/llava.py, train/models/qwen2vl.py) is everything the rest of kakehashi needs to know about
 one kind of VLM: its architecture record, how it is built (and weights loaded), its processor, what the data
@@ -15,10 +15,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from train.errors import RecipeError
 from train.models.configs import set_layer_count
 from train.models.weights import Weight, parameter_size
 
@@ -167,83 +165,3 @@ class ModelFamily(ABC):
         raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------------------------- tokenizer, loss
-
-
-DEFAULT_LOSS = ("chunked", 1024)  # ModelSpec's defaults (train/recipe.py), for models built without a recipe
-
-
-def set_loss(model: nn.Module, spec) -> None:
-    """Record the recipe's loss (model.loss, model.loss_chunk_size) on a built model; its training forward reads it.
-    A plain attribute, not a parameter or buffer: it is no part of the weights, the config or the export."""
-    model.kakehashi_loss = (spec.loss, spec.loss_chunk_size)
-
-
-def loss_of(model: nn.Module) -> tuple[str, int]:
-    """The loss `set_loss` recorded, or the default (a model loaded from a stage or an export)."""
-    return getattr(model, "kakehashi_loss", DEFAULT_LOSS)
-
-
-def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-                loss: tuple[str, int] = DEFAULT_LOSS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token loss in fp32, target count) of the LLM's last hidden states [B, T, D] through `lm_head`
-    against labels [B, T]: token_loss_sum's contract, without (`chunked`, `liger`) or with (`full`) the whole
-    [B, T, V] logits in memory. `loss`: (kind, tokens per chunk)."""
-    kind, chunk_size = loss
-    if kind == "full":
-        return token_loss_sum(lm_head(hidden), labels)
-    targets = labels[:, 1:].flatten()
-    hidden = hidden[:, :-1].flatten(0, 1)  # [N, D]: position t predicts the token at t + 1
-    if kind == "liger":
-        if not hidden.is_cuda:
-            raise RecipeError("recipe", [f"model.loss: liger runs on CUDA only, not on {hidden.device.type}"])
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        # reads the head's weight directly: the recipe refuses liger with ZeRO-3, where it is partitioned
-        fused = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
-        return fused(lm_head.weight, hidden, targets, getattr(lm_head, "bias", None)).float(), (targets != -100).sum()
-    return chunked_loss_sum(hidden, lm_head, targets, chunk_size), (targets != -100).sum()
-
-
-def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed fp32 cross-entropy of hidden [N, D] -> targets [N], `chunk_size` tokens at a time: each chunk's logits
-    live only inside its checkpoint (recomputed in backward), so at most one chunk's [chunk, V] is held.
-
-    The head is called as a module, so ZeRO-3 gathers its (partitioned) weight for each call; every rank then must
-    call it equally often, so under a partitioned head the chunk count is the largest of all ranks' (a rank with
-    fewer tokens pads with chunks of one ignored token)."""
-    from torch.utils.checkpoint import checkpoint
-
-    count = -(-hidden.shape[0] // chunk_size)
-    chunks = [(hidden[i:i + chunk_size], targets[i:i + chunk_size]) for i in range(0, hidden.shape[0], chunk_size)]
-    padding = (hidden[:1], torch.full_like(targets[:1], -100))  # a chunk of one ignored token: loss 0, gradient 0
-    chunks += [padding] * (_chunks_on_every_rank(count, lm_head) - count)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for chunk, chunk_targets in chunks:
-        total = total + checkpoint(_chunk_loss, lm_head, chunk, chunk_targets, use_reentrant=False)
-    return total
-
-
-def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(lm_head(hidden).float(), targets, ignore_index=-100, reduction="sum")
-
-
-def _chunks_on_every_rank(count: int, lm_head: nn.Module) -> int:
-    """The most chunks any rank has, when the head is ZeRO-3 partitioned over several ranks; else `count`."""
-    partitioned = any(hasattr(p, "ds_id") for p in lm_head.parameters())
-    if not (partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return count
-    most = torch.tensor([count], device=lm_head.weight.device)
-    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    return int(most.item())
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token loss in fp32, target count) of logits [B, T, V] against labels [B, T] (-100: not a target).
-
-    Summed, not averaged: the engine normalises over every target token of an optimizer step (all micro-batches,
-    all ranks), not per micro-batch."""
-    targets = labels[:, 1:]
-    loss_sum = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=-100, reduction="sum")
-    return loss_sum, (targets != -100).sum()

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from train.models import weights as weight_files
-from train.models.base import ModelFamily, lm_loss_sum, loss_of, set_loss
+from train.models.base import ModelFamily
 from train.models.configs import (
     checked_config,
     image_processor_class,
@@ -36,6 +36,7 @@ from train.models.configs import (
     own_fields,
     set_attn_implementation,
 )
+from train.models.loss import SourceTokens, lm_loss_sum, loss_of, set_loss
 from train.models.tokenizers import IMAGE_TOKEN
 from train.models.weights import Weight, checkpoint_dir
 
@@ -309,12 +310,13 @@ class LlavaForTraining(nn.Module):
         super().__init__()
         self.llava = llava
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None,
+                sources: SourceTokens | None = None):
         # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None;
         # position_ids: [B, T] for packed rows (restarting per sample), else None
         assert image_grid_thw is None, "a LLaVA vision tower takes fixed-size images, not dynamic-resolution patches"
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)  # [B, T, D]
-        return lm_loss_sum(hidden, self.llava.lm_head, labels, loss_of(self.llava))
+        return lm_loss_sum(hidden, self.llava.lm_head, labels, loss_of(self.llava), sources)
 
     def logits(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
         return self.llava.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, position_ids))

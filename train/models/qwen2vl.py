@@ -27,7 +27,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from train.models import weights as weight_files
-from train.models.base import ModelFamily, lm_loss_sum, loss_of, set_loss
+from train.models.base import ModelFamily
 from train.models.configs import (
     checked_config,
     image_processor_class,
@@ -37,6 +37,7 @@ from train.models.configs import (
     own_fields,
     set_attn_implementation,
 )
+from train.models.loss import SourceTokens, lm_loss_sum, loss_of, set_loss
 from train.models.tokenizers import IMAGE_TOKEN, token_of
 from train.models.weights import Weight, checkpoint_dir
 
@@ -147,10 +148,11 @@ class Qwen2VLVisionLM(nn.Module):
         return self.llm.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
                                                    position_ids))
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None,
+                sources: SourceTokens | None = None):
         """(summed token loss, target count): the engine normalises over every target token of an optimizer step."""
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)
-        return lm_loss_sum(hidden, self.llm.lm_head, labels, loss_of(self))
+        return lm_loss_sum(hidden, self.llm.lm_head, labels, loss_of(self), sources)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
