@@ -19,8 +19,8 @@ TRAINED = {"vision_encoder": 0, "projector": 100, "llm": 600}    # T = 700
 
 
 def stage(**fields):
-    defaults = dict(precision="bf16", zero_stage=2, micro_batch_size=2, max_length=4, gradient_checkpointing=False,
-                    vision_encoder_last_blocks=None)
+    defaults = dict(name="s", precision="bf16", zero_stage=2, micro_batch_size=2, global_batch_size=8, max_length=4,
+                    max_grad_norm=1.0, gradient_checkpointing=False, vision_encoder_last_blocks=None)
     return SimpleNamespace(**{**defaults, **fields})
 
 
