@@ -12,15 +12,19 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
+from pathlib import Path
 
 STALL_S = 600.0  # silence that counts as a hang: far above any quiet stretch of a run (a DeepSpeed op build, export)
+TAG = "KAKEHASHI_TEST_RUN"  # in every descendant's environment: found and ended even outside the process group
 
 
 class Watched:
     """A process started in its own session, its stdout and stderr read by threads that note each write."""
 
     def __init__(self, command, *, cwd, env, merge_output: bool = False):
-        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+        self.tag = uuid.uuid4().hex
+        self.process = subprocess.Popen(command, cwd=cwd, env={**env, TAG: self.tag}, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
                                         start_new_session=True)
         self.chunks = {"stdout": [], "stderr": []}
@@ -40,16 +44,25 @@ class Watched:
         return b"".join(self.chunks[name]).decode("utf-8", errors="replace")
 
     def kill(self) -> None:
+        """SIGKILL the process and everything it started: its group, and any descendant that left the group (a
+        torchrun worker in a session of its own, a data loader's forkserver), found by the tag in its environment."""
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        marker = f"{TAG}={self.tag}".encode()
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if marker in environ.read_bytes().split(b"\0"):
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
+            except OSError:
+                pass
 
     def result(self) -> subprocess.CompletedProcess:
         self.process.wait()
-        self.kill()  # anything it left in its session would hold the pipes open
+        self.kill()  # anything it left behind would hold the pipes open
         for reader in self.readers:
-            reader.join()
+            reader.join(timeout=60)  # a pipe still held after the kill: what was read so far is the output
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.text("stdout"),
                                            self.text("stderr"))
 

@@ -17,9 +17,10 @@ def test_a_process_that_exits_is_returned_with_both_streams():
 
 
 def test_a_silent_process_group_is_killed_and_the_wait_fails(tmp_path):
-    # the child starts a grandchild (as torchrun starts workers), says so, then both wait forever without a word
+    # the child starts a grandchild in a session of its own (out of reach of the process group, as a torchrun worker's
+    # forkserver can be), says so, then both wait forever without a word
     script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
-              "time.sleep(3600)']); print(child.pid, flush=True); time.sleep(3600)")
+              "time.sleep(3600)'], start_new_session=True); print(child.pid, flush=True); time.sleep(3600)")
     with pytest.raises(AssertionError, match="no output for .* taken as a hang") as failure:
         run_watched([sys.executable, "-c", script], cwd=".", env=os.environ, stall_s=2)
     grandchild = int(str(failure.value).split("\n")[2])  # the line it printed, in the failure's tail

@@ -18,6 +18,7 @@ import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -60,7 +61,30 @@ class Watchdog(threading.Thread):
         except OSError as err:
             log.error("could not record the stall in %s: %s", self.record_dir, err)
         _flush()
+        kill_descendants()  # os._exit runs no cleanup: the loader's forkserver and workers would outlive the rank
         os._exit(EXIT_STALLED)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started, and theirs (the data loader's forkserver and its workers, which a
+    forkserver start leaves outside this process's group), read from /proc; nothing where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    todo, found = [os.getpid()], []
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 _current: Watchdog | None = None
