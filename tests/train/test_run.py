@@ -24,12 +24,13 @@ def test_a_run_from_before_a_new_recipe_field_is_the_same_recipe_and_another_rec
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
 @pytest.mark.parametrize("packing", [True, False])
 def test_every_tiny_recipes_loader_follows_the_stage_packing_switch(path, packing, tmp_path):
+    synthesized = load_recipe(path, check_files=False).synthesize.out  # where the recipe's shards are written
     recipe = load_recipe(path, [f"synthesize.out={tmp_path}/data", "synthesize.samples=40",
                                 f"stages.0.packing={str(packing).lower()}", "stages.0.data_workers=0"],
                          check_files=False)
     for source in recipe.stages[0].data:
-        source.shards = str(source.shards).replace(str(REPO / "data/tiny-shapes"), f"{tmp_path}/data").replace(
-            "data/tiny-shapes", f"{tmp_path}/data")
+        source.shards = str(source.shards).replace(str(REPO / synthesized), f"{tmp_path}/data").replace(
+            str(synthesized), f"{tmp_path}/data")
     synthesize_missing_data(recipe)
     processor = build_processor(recipe, tmp_path)
     batch = next(stage_loader(recipe, 0, processor, model_config(recipe.model, processor.tokenizer), rank=0, world_size=1))
