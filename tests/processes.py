@@ -44,12 +44,16 @@ class Watched:
         return b"".join(self.chunks[name]).decode("utf-8", errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL the process and everything it started: its group, and any descendant that left the group (a
-        torchrun worker in a session of its own, a data loader's forkserver), found by the tag in its environment."""
+        """SIGKILL the process and its process group."""
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def sweep(self) -> None:
+        """SIGKILL every process with this run's tag in its environment: descendants that left the process group
+        (a torchrun worker in a session of its own, a data loader's forkserver). Only for a run that hangs or
+        leaves its pipes held: a Slurm job the run submitted carries the tag too, and must live on."""
         marker = f"{TAG}={self.tag}".encode()
         for environ in Path("/proc").glob("[0-9]*/environ"):
             try:
@@ -60,9 +64,13 @@ class Watched:
 
     def result(self) -> subprocess.CompletedProcess:
         self.process.wait()
-        self.kill()  # anything it left behind would hold the pipes open
+        self.kill()  # anything it left in its group would hold the pipes open
         for reader in self.readers:
-            reader.join(timeout=60)  # a pipe still held after the kill: what was read so far is the output
+            reader.join(timeout=30)
+        if any(reader.is_alive() for reader in self.readers):  # held by a descendant outside the group
+            self.sweep()
+            for reader in self.readers:
+                reader.join(timeout=30)  # still held: what was read so far is the output
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.text("stdout"),
                                            self.text("stderr"))
 
@@ -74,6 +82,7 @@ def wait_all(watched: list[Watched], stall_s: float = STALL_S) -> list[subproces
         if silent > stall_s:
             for w in watched:
                 w.kill()
+                w.sweep()
             tails = "\n".join(f"--- {w.process.args}\n{(w.text('stdout') + w.text('stderr'))[-3000:]}"
                               for w in watched)
             raise AssertionError(f"no output for {silent:.0f} s: taken as a hang\n{tails}")
