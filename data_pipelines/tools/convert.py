@@ -259,13 +259,18 @@ def register(commands):
             parser.add_argument("--text-column", default="caption", help="caption column")
             parser.add_argument("--conversations-column", default="conversations")
             parser.add_argument("--id-column", default="id")
-        parser.add_argument("--out", required=True, help="output folder")
-        parser.add_argument("--name", default=kind, help="shard name prefix (default: the kind)")
-        parser.add_argument("--source", help="`source` to record in each sample")
-        parser.add_argument("--samples-per-shard", type=int, default=10_000)
-        parser.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (1e9)")
+        add_output_options(parser, kind)
         parser.set_defaults(func=cmd_convert)
     return kinds
+
+
+def add_output_options(parser: argparse.ArgumentParser, kind: str) -> None:
+    """The options every converter shares: where and how its shards are written."""
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--name", default=kind, help="shard name prefix (default: the kind)")
+    parser.add_argument("--source", help="`source` to record in each sample")
+    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (1e9)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

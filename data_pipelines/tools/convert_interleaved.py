@@ -16,7 +16,15 @@ from typing import Iterator
 
 from data_pipelines.errors import UsageError
 from data_pipelines.render.templates import IMAGE_PLACEHOLDER
-from data_pipelines.tools.convert import Record, Skip, image_entry, report_summary, sample_key, write_shards
+from data_pipelines.tools.convert import (
+    Record,
+    Skip,
+    add_output_options,
+    image_entry,
+    report_summary,
+    sample_key,
+    write_shards,
+)
 
 
 def document(items: list[tuple[str, object]], images_dir: Path, source: str | None) -> tuple[dict, list]:
@@ -149,11 +157,7 @@ def register(kinds) -> None:
     for kind, parser in (("obelics", obelics), ("mmc4", mmc4)):
         parser.add_argument("--input", required=True, help="the parquet file or folder, datasets folder, or JSONL")
         parser.add_argument("--images", required=True, help="folder the image paths are relative to")
-        parser.add_argument("--out", required=True, help="output folder")
-        parser.add_argument("--name", default=kind, help="shard name prefix (default: the kind)")
-        parser.add_argument("--source", help="`source` to record in each sample")
-        parser.add_argument("--samples-per-shard", type=int, default=10_000)
-        parser.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (1e9)")
+        add_output_options(parser, kind)
         parser.set_defaults(func=cmd_convert_documents)
 
 
