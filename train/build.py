@@ -42,6 +42,7 @@ class StageBuild:
     resolved: ResolvedStage  # the settings it runs with on these ranks
     model: nn.Module         # in the stage's dtype; under ZeRO-3 partitioned as it was built
     loader: object           # the stage's MixtureLoader, this rank's split
+    reference: nn.Module | None = None  # a `reference: copy` preference stage's frozen copy, built as `model` is
 
 
 def build_stage(recipe: Recipe, index: int, processor, config, *, rank: int, world_size: int,
@@ -55,8 +56,13 @@ def build_stage(recipe: Recipe, index: int, processor, config, *, rank: int, wor
     resolved = resolve_stage(stage, world_size)  # a batch that does not divide fails before anything is built
     torch.manual_seed(recipe.seed)
     model = build_stage_model(family_for(recipe.model), recipe.model, config, stage, world_size, previous, load)
+    reference = None
+    if stage.objective != "sft" and stage.preference.reference == "copy":  # the policy's starting weights, again
+        torch.manual_seed(recipe.seed)
+        reference = build_stage_model(family_for(recipe.model), recipe.model, config, stage, world_size, previous,
+                                      load)
     loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
-    return StageBuild(resolved, model, loader)
+    return StageBuild(resolved, model, loader, reference)
 
 
 def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_size: int, previous: Path | None,

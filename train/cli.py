@@ -176,14 +176,17 @@ def cmd_chat(args) -> int:
 def cmd_shapes_eval(args) -> int:
     from train.shapes_eval import shapes_accuracy
 
-    report = shapes_accuracy(args.model, samples=args.samples, seed=args.seed)
+    reports = [{"model": model, **shapes_accuracy(model, samples=args.samples, seed=args.seed)}
+               for model in args.model]
     if args.json:
-        result_json(report)
+        result_json(reports[0] if len(reports) == 1 else reports)
         return 0
-    result(f"{args.model}: colour {report['colour_accuracy']:.0%}, shape {report['shape_accuracy']:.0%} "
-           f"on {report['samples']} fresh shapes (colour chance {report['chance_colour']:.0%})")
-    for example in report["examples"]:
-        result(f"  {example['truth']}: {example['colour_answer']} / {example['shape_answer']}")
+    for report in reports:
+        result(f"{report['model']}: colour {report['colour_accuracy']:.0%}, shape {report['shape_accuracy']:.0%} "
+               f"on {report['samples']} fresh shapes (colour chance {report['chance_colour']:.0%}); "
+               f"chosen style (the preference pairs' whole-sentence colour answer) {report['chosen_style_rate']:.0%}")
+        for example in report["examples"]:
+            result(f"  {example['truth']}: {example['colour_answer']} / {example['shape_answer']}")
     return 0
 
 
@@ -308,8 +311,8 @@ def _register_exports(commands) -> None:
     evaluation.add_argument("--json", action="store_true")
     evaluation.set_defaults(func=cmd_eval)
 
-    shapes = commands.add_parser("shapes-eval", help="score an export on freshly drawn synthetic shapes")
-    shapes.add_argument("model")
+    shapes = commands.add_parser("shapes-eval", help="score exports on freshly drawn synthetic shapes")
+    shapes.add_argument("model", nargs="+", help="one export or several (each scored on the same shapes)")
     shapes.add_argument("--samples", type=int, default=100)
     shapes.add_argument("--seed", type=int, default=12345, help="drawing seed (training data uses others)")
     shapes.add_argument("--json", action="store_true")

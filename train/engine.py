@@ -41,6 +41,7 @@ class StepResult:
     source_targets: dict[str, int] = field(default_factory=dict)   # source -> its target tokens
     lrs: dict[str, float] = field(default_factory=dict)  # param group -> the lr this step used (before the scheduler
                                                           # moves it on for the next step)
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's own metrics (preference: rewards/...)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class StageContext:
     poison_loss: bool = False  # set by fault injection before a step: the step's loss becomes NaN
     source_names: list[str] = field(default_factory=list)    # the stage's data sources (loss/<name>)
     source_weights: list[float] = field(default_factory=list)  # their loss_weight
+    reference: object = None  # preference stages: train.objectives.Reference (the frozen starting policy)
 
 
 def enable_fast_paths(family: ModelFamily, model, resolved: ResolvedStage) -> None:
@@ -118,8 +120,9 @@ class BatchStream:
 
 
 def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int, hooks: list,
-                resume_from: Path | None = None) -> StageContext:
-    """Plan the stage, enable its fast paths, build the optimizer and the DeepSpeed engine, and resume."""
+                resume_from: Path | None = None, reference_model=None) -> StageContext:
+    """Plan the stage, enable its fast paths, build the optimizer and the DeepSpeed engine (and a preference
+    stage's reference), and resume. `reference_model`: the frozen copy of a `reference: copy` stage."""
     import deepspeed
 
     resolved = resolve_stage(stage, world_size)
@@ -139,6 +142,11 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
                        image_token_id=model.config.image_token_index,
                        vision_length=family.vision_length(model.config), hooks=hooks,
                        source_names=stage.source_names(), source_weights=[s.loss_weight for s in stage.data])
+    if stage.objective != "sft":
+        from train.objectives import Reference, reference_copy
+
+        copy = None if reference_model is None else reference_copy(family, reference_model, resolved)
+        ctx.reference = Reference(engine, copy)
     if resume_from is not None:
         resume(ctx, resume_from)
     return ctx
@@ -257,14 +265,20 @@ def counts(ctx: StageContext, micro_batches: list[dict]) -> list[float]:
 
 
 def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int,
-                hooks: list | None = None, resume_from: Path | None = None):
+                hooks: list | None = None, resume_from: Path | None = None, reference_model=None):
     """Train `model` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights.
 
-    `hooks`: train.hooks.stage_hooks(...) by default (a progress display and the non-finite guard only)."""
+    `hooks`: train.hooks.stage_hooks(...) by default (a progress display and the non-finite guard only).
+    The stage's objective picks the step: `train_step` (sft), train.objectives' (dpo, mpo)."""
     totals = Totals()
     hooks = [totals, *(stage_hooks(stage, rank=rank) if hooks is None else hooks)]
     ctx = setup_stage(family, model, stage, loader, rank=rank, world_size=world_size, hooks=hooks,
-                      resume_from=resume_from)
+                      resume_from=resume_from, reference_model=reference_model)
+    step_fn = train_step
+    if stage.objective != "sft":
+        from train.objectives import STEPS
+
+        step_fn = STEPS[stage.objective]
     try:
         for hook in hooks:
             hook.start_stage(ctx)
@@ -273,7 +287,7 @@ def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
             for hook in hooks:
                 hook.before_step(ctx, step)
             watchdog.phase(f"loading step {step}'s batches")
-            result = train_step(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
+            result = step_fn(ctx, [next(ctx.batches) for _ in range(ctx.accumulation)], step)
             watchdog.step_done(step)
             for hook in hooks:
                 watchdog.phase(f"the {type(hook).__name__} hook after step {step}")

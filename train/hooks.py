@@ -124,6 +124,7 @@ class Metrics(Hook):
             "bad_samples": ctx.batches.bad_samples(),  # {reason: count} on rank 0
             **{f"loss/{name}": loss for name, loss in r.source_losses.items()},  # sources in this step only
             **{f"target_tokens/{name}": n for name, n in r.source_targets.items()},
+            **r.extra,  # the objective's metrics (preference stages: TRL's rewards/*, logps/*)
         })
 
 

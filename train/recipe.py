@@ -29,6 +29,8 @@ TEMPLATES = tuple(TEMPLATE_FORMATS)  # the templates' names, defined once with t
 TemplateName = Literal[TEMPLATES]
 SCHEDULES = ("cosine", "wsd", "constant")  # a stage's lr schedule (train/stages.py: lr_multiplier)
 DECAYS = ("linear", "cosine")               # the shape of the wsd schedule's final decay
+OBJECTIVES = ("sft", "dpo", "mpo")          # what a stage minimises (train/objectives.py)
+PREFERENCE_TASK = "preference"              # the task of a preference stage's sources (chosen/rejected pairs)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
@@ -321,6 +323,28 @@ class StageLora(Strict):
     llm: LoraSpec | None = None
 
 
+class MpoWeights(Strict):
+    """MPO's terms (InternVL's mixed preference optimization; its defaults): the preference loss (`loss`), the
+    quality loss (BCO pair: each answer against the reference on its own) and the generation loss (SFT on chosen)."""
+
+    preference: float = Field(0.8, ge=0)
+    quality: float = Field(0.2, ge=0)
+    generation: float = Field(1.0, ge=0)
+
+
+class PreferenceSpec(Strict):
+    """A dpo or mpo stage's settings, named as TRL's DPOConfig names them (train/objectives.py)."""
+
+    beta: float = Field(0.1, gt=0)                     # the strength of the pull toward the reference
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO's loss (and MPO's preference term)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid only: conservative DPO's share of flipped labels
+    # the reference policy (the stage's starting weights, frozen): `copy` holds a second model (partitioned as the
+    # policy under ZeRO-3); `adapters` runs the policy with its LoRA adapters off (no copy; every trained component
+    # must train through adapters)
+    reference: Literal["copy", "adapters"] = "copy"
+    mpo: MpoWeights = MpoWeights()
+
+
 class Stage(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     train: list[Component]                             # trained components; the others are frozen
@@ -357,6 +381,8 @@ class Stage(Strict):
     max_images_per_sample: int | None = Field(None, gt=0)  # interleaved documents keep their first N images (the
                                                        #   text around the others stays); None: all that fit
     data: list[DataSource] = Field(min_length=1)
+    objective: Literal[OBJECTIVES] = "sft"             # sft: next-token loss on targets; dpo | mpo: on pairs
+    preference: PreferenceSpec | None = None           # dpo | mpo settings (defaults when left out)
     # periodic evaluation (train/periodic_eval.py): every `eval_every` steps and at the stage end; 0 = off
     eval_every: int = Field(0, ge=0)
     eval_data: list[EvalSource] = []                   # held-out sources as `data`, or {benchmark, path}
@@ -398,9 +424,31 @@ class Stage(Strict):
                     "the warmup and the decay overlap"]
         return []
 
+    def _objective_problems(self) -> list[str]:
+        if self.objective == "sft":
+            problems = [f"data.{i}: task {PREFERENCE_TASK} needs objective dpo or mpo"
+                        for i, source in enumerate(self.data) if source.task == PREFERENCE_TASK]
+            return problems + ["preference is set but objective is sft"] * (self.preference is not None)
+        if self.preference is None:
+            self.preference = PreferenceSpec()
+        problems = [f"data.{i}: objective {self.objective} trains on pairs; task {source.task} is not "
+                    f"{PREFERENCE_TASK}" for i, source in enumerate(self.data) if source.task != PREFERENCE_TASK]
+        if self.packing:
+            problems.append(f"packing: a {self.objective} stage runs one pair per row; set packing: false")
+        if self.preference.label_smoothing and self.preference.loss != "sigmoid":
+            problems.append(f"preference.label_smoothing applies to loss sigmoid, not {self.preference.loss}")
+        if self.preference.reference == "adapters":
+            plain = [c for c in self.train if c not in self.lora_components()]
+            if plain:
+                problems.append(f"preference.reference: adapters needs every trained component to train through "
+                                f"LoRA; {', '.join(plain)} trains its own weights (use reference: copy)")
+        if self.objective == "dpo" and self.preference.mpo != MpoWeights():  # a dumped recipe spells the defaults
+            problems.append("preference.mpo is set but objective is dpo (its weights shape mpo only)")
+        return problems
+
     @model_validator(mode="after")
     def _consistent(self) -> Stage:
-        problems = self._schedule_problems()
+        problems = self._schedule_problems() + self._objective_problems()
         for component in COMPONENTS:
             lr = getattr(self.lr, component)
             if component in self.train and lr is None:
@@ -450,6 +498,7 @@ class Synthesize(Strict):
     seed: int = 0
     image_size: int = Field(64, gt=0)
     documents: int = Field(0, ge=0)                    # interleaved documents (docs-*.tar; task interleaved)
+    preferences: int = Field(0, ge=0)                  # preference pairs (prefs-*.tar; task preference)
 
 
 class Checkpointing(Strict):

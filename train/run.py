@@ -128,7 +128,8 @@ def train_and_write_stage(session: RunSession, index: int, done: Path) -> dict:
                         periodic_eval=periodic_eval, checkpoint_dir=session.run.checkpoints(index, stage.name),
                         keep_last=recipe.checkpoint.keep_last)
     engine, summary = train_stage(family, model, stage, loader, rank=rank, world_size=session.world_size,
-                                  hooks=hooks, resume_from=session.resume_from if index == session.first else None)
+                                  hooks=hooks, resume_from=session.resume_from if index == session.first else None,
+                                  reference_model=built.reference)
     watchdog.phase("consolidating the stage's weights")
     state, record = consolidated_state_dict(family, engine, rank), asdict(summary)
     full = None
@@ -188,10 +189,10 @@ def synthesize_missing_data(recipe: Recipe) -> None:
     from data_pipelines.synthetic.synth import synthesize
 
     spec = recipe.synthesize
-    log.info("synthesizing %d caption + %d VQA samples (+ %d documents) into %s", spec.samples, spec.samples,
-             spec.documents, spec.out)
+    log.info("synthesizing %d caption + %d VQA samples (+ %d documents, %d preference pairs) into %s", spec.samples,
+             spec.samples, spec.documents, spec.preferences, spec.out)
     synthesize(Path(spec.out), samples=spec.samples, seed=spec.seed, image_size=spec.image_size,
-               documents=spec.documents)
+               documents=spec.documents, preferences=spec.preferences)
 
 
 def build_processor(recipe: Recipe, cache_dir: Path, stand_in: bool = False):

@@ -1,4 +1,5 @@
-"""Score an export on freshly drawn synthetic shapes: does it name the colour (and the shape)?
+"""Score an export on freshly drawn synthetic shapes: does it name the colour (and the shape)? And does it answer
+the colour question as the synthetic preference pairs' chosen answers do, in a whole sentence?
 
 Loads the export through its family's loader (plain transformers for LLaVA exports), asks in the
 export's own chat template, and compares the answer's first word with the truth. Chance is 1/6 for colour.
@@ -8,7 +9,14 @@ from __future__ import annotations
 
 import random
 
-from data_pipelines.synthetic.synth import COLOUR_QUESTION, COLOURS, SHAPE_QUESTION, SHAPES, draw_shape
+from data_pipelines.synthetic.synth import (
+    COLOUR_QUESTION,
+    COLOURS,
+    SHAPE_QUESTION,
+    SHAPES,
+    draw_shape,
+    preferred_colour_answer,
+)
 from train.benchmarks.generate import answer
 from train.chat import load_export
 
@@ -16,7 +24,7 @@ from train.chat import load_export
 def shapes_accuracy(model_dir, samples: int = 100, seed: int = 12345, image_size: int = 64) -> dict:
     model, processor = load_export(model_dir)
     rng = random.Random(seed)  # a seed the training data never used: fresh shapes
-    colour_hits = shape_hits = 0
+    colour_hits = shape_hits = preferred = 0
     examples = []
     for _ in range(samples):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -25,6 +33,7 @@ def shapes_accuracy(model_dir, samples: int = 100, seed: int = 12345, image_size
         said_shape = answer(model, processor, [image], SHAPE_QUESTION)
         colour_hits += said_colour.startswith(colour + "色")
         shape_hits += said_shape.startswith(shape)
+        preferred += said_colour.startswith(preferred_colour_answer(colour))  # as the synthetic pairs' chosen
         if len(examples) < 5:
             examples.append({"truth": f"{colour}色の{shape}", "colour_answer": said_colour, "shape_answer": said_shape})
     return {
@@ -32,5 +41,7 @@ def shapes_accuracy(model_dir, samples: int = 100, seed: int = 12345, image_size
         "colour_accuracy": colour_hits / samples,
         "shape_accuracy": shape_hits / samples,
         "chance_colour": 1 / len(COLOURS),
+        # the colour question answered as the preference pairs' chosen answers do: a whole sentence, right colour
+        "chosen_style_rate": preferred / samples,
         "examples": examples,
     }

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from data_pipelines.batch.collate import collate
+from data_pipelines.batch.collate import collate, collate_pairs
 from data_pipelines.batch.pack import collate_packed, first_fit_decreasing
 from data_pipelines.errors import TooManyBadSamples  # raised here; still importable from here
 from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
@@ -133,7 +133,9 @@ class WorkerBatches:
             batch = self.next_packed_batch(rng)
         else:
             picks = rng.choices(range(len(config.names)), weights=config.weights, k=config.micro_batch_size)
-            batch = collate([self.next_example(pick) for pick in picks], config.pad_token_id)
+            examples = [self.next_example(pick) for pick in picks]
+            pairs = any(example.rejected is not None for example in examples)  # a preference stage's sources
+            batch = (collate_pairs if pairs else collate)(examples, config.pad_token_id)
         self.next_batch += config.num_workers
         batch.update(_worker=self.worker, _state=self.state().to_dict(), _bad_log=self.bad_log)
         self.bad_log = []
@@ -227,11 +229,18 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
                      cut_between_segments=document)
     if encoded is None:
         raise BadSample("too_long", f"no target token fits in {config.max_length} tokens")
+    rejected = None
+    if prepared.rejected is not None:
+        other = encode(prepared.rejected, config.tokenizer, tokens_per_image=tokens_per_image,
+                       max_length=config.max_length, image_start_end=config.image_start_end)
+        if other is None or other.num_images != encoded.num_images:  # a cut must leave both rows the same images
+            raise BadSample("too_long", f"the pair's answers do not both fit in {config.max_length} tokens")
+        rejected = (other.input_ids, other.labels)
     if config.patchify is not None:
         kept = int(grid[: encoded.num_images].prod(-1).sum()) if encoded.num_images else 0
         return Example(key=raw.key, source=config.names[source], source_id=source, input_ids=encoded.input_ids,
                        labels=encoded.labels, pixel_values=patches[:kept] if kept else None,
-                       image_grid_thw=grid[: encoded.num_images] if kept else None)
+                       image_grid_thw=grid[: encoded.num_images] if kept else None, rejected=rejected)
     images = raw.images[: encoded.num_images]  # truncation (or max_images_per_sample) drops whole trailing images
     pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
     try:
@@ -244,4 +253,4 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
     except ImageError as err:
         raise BadSample(err.reason, str(err)) from None
     return Example(key=raw.key, source=config.names[source], source_id=source, input_ids=encoded.input_ids,
-                   labels=encoded.labels, pixel_values=pixel_values)
+                   labels=encoded.labels, pixel_values=pixel_values, rejected=rejected)

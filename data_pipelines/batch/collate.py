@@ -53,13 +53,32 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     }
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "pixel_values", "image_grid_thw")
+def collate_pairs(examples: list[Example], pad_token_id: int) -> dict:
+    """Preference pairs -> one micro-batch of 2B rows: the B chosen sequences, then the B rejected ones (TRL's
+    order), right-padded to the longest. Each pair's images appear once (pixel_values as `collate` gives them for
+    the B pairs): the model encodes them once and uses the features for both rows (`pair_images`).
+
+    Besides collate's keys: num_pairs = B; num_samples counts pairs; chosen and rejected rows keep their own labels
+    (only each row's last answer is a target)."""
+    rows = [*examples, *(Example(key=e.key, source=e.source, source_id=e.source_id, input_ids=e.rejected[0],
+                                 labels=e.rejected[1], pixel_values=None) for e in examples)]
+    batch = collate(rows, pad_token_id)
+    images = [example.pixel_values for example in examples if example.pixel_values is not None]
+    grids = [example.image_grid_thw for example in examples if example.image_grid_thw is not None]
+    batch.update(pixel_values=torch.cat(images) if images else None, image_grid_thw=torch.cat(grids) if grids else None,
+                 num_pairs=len(examples), num_samples=len(examples), pair_images=True)
+    return batch
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "pixel_values", "image_grid_thw",
+                "pair_images")
 
 
 def model_inputs(batch: dict, device, image_mean=None, image_std=None) -> dict:
     """A collated micro-batch's model inputs on `device` (those it has); uint8 pixels (the loader's workers hand
     them over at the model's input size) are normalised there with the image processor's mean and std."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+    inputs = {k: batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
+              for k in MODEL_INPUTS if batch.get(k) is not None}
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.dtype == torch.uint8:
         inputs["pixel_values"] = normalize(pixels, image_mean, image_std)

@@ -17,3 +17,5 @@ class Example:
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3] (t, h, w in patches) with flattened patches
     source_id: int = -1  # the source's index in the stage's `data` (-1: unknown), for the loss per source
     token_sources: list[int] | None = None  # per token, when a packed row joins examples of several sources
+    rejected: tuple[list[int], list[int]] | None = None  # a preference pair: the rejected answer's (input_ids,
+                                                          # labels); input_ids/labels above hold the chosen one

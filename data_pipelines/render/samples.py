@@ -11,7 +11,7 @@ from data_pipelines.read.shards import RawSample
 from data_pipelines.render.templates import IMAGE_PLACEHOLDER, Segment, merge_segments, render
 
 # task kind -> the JSON field its samples carry; the one list of tasks (recipe, loader and tools import it)
-TASK_FIELDS = {"caption": "caption", "vqa": "conversations", "interleaved": "document"}
+TASK_FIELDS = {"caption": "caption", "vqa": "conversations", "interleaved": "document", "preference": "chosen"}
 TASKS = tuple(TASK_FIELDS)
 
 
@@ -20,7 +20,8 @@ class BadSample(Exception):
 
     Reasons: truncated_shard, unreadable_shard, json_not_utf8, json_invalid, json_missing, image_without_json,
     duplicate_image_index (from shard_reader); json_no_known_fields, task_mismatch, empty_conversation,
-    malformed_conversation, image_count_mismatch, malformed_document, empty_document (here);
+    malformed_conversation, image_count_mismatch, malformed_document, empty_document, identical_answers,
+    empty_answer (here);
     not_an_image, undecodable_image, truncated_image,
     image_too_large (images); unusable_image (dynamic resolution refuses it, batches); too_long (tokenize: even
     the image tokens and one target do not fit).
@@ -43,6 +44,7 @@ class PreparedSample:
     segments: list[Segment]
     images: list[Image.Image]  # decoded RGB, in placeholder order (empty when not decoded)
     num_images: int = 0  # images the rendered text holds (a document may leave some of the sample's out)
+    rejected: list[Segment] | None = None  # a preference pair's rejected answer (`segments`: the chosen one)
 
 
 def sample_task(meta: dict) -> str | None:
@@ -64,7 +66,7 @@ def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token
         raise BadSample(raw.error)
     kind = sample_task(raw.meta)
     if kind is None:
-        raise BadSample("json_no_known_fields", "sample has none of 'caption', 'conversations' and 'document'")
+        raise BadSample("json_no_known_fields", "sample has none of 'caption', 'conversations', 'document' and 'chosen'")
     if task is not None and kind != task:
         raise BadSample("task_mismatch", f"a {task} source sample needs a {TASK_FIELDS[task]!r} field")
     if kind == "vqa" and raw.meta["conversations"] in ([], None, ""):
@@ -72,9 +74,12 @@ def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token
     if kind == "caption" and not raw.images:
         raise BadSample("image_count_mismatch", "caption sample without an image")
     images = raw.images
+    rejected = None
     if kind == "interleaved":
         segments, kept = document_segments(raw.meta["document"], len(raw.images), eos_token, max_images)
         images = raw.images[:kept]
+    elif kind == "preference":
+        segments, rejected = pair_segments(raw.meta, template, eos_token, tokenizer, len(raw.images))
     else:
         try:
             segments = render(raw.meta, template, eos_token, tokenizer, num_images=len(raw.images))
@@ -93,7 +98,36 @@ def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token
             except ImageError as err:
                 raise BadSample(err.reason, f"image {index}: {err}") from None
     return PreparedSample(key=raw.key, shard=raw.shard, segments=segments, images=decoded,
-                          num_images=len(images))
+                          num_images=len(images), rejected=rejected)
+
+
+def pair_segments(meta: dict, template: str, eos_token: str, tokenizer,
+                  num_images: int) -> tuple[list[Segment], list[Segment]]:
+    """(chosen, rejected) segments of a preference sample {"prompt": [turns ending on a user turn], "chosen": str,
+    "rejected": str}: the prompt rendered with each answer as its last turn, the last answer alone the target (an
+    earlier answered turn is context, as the prompt is in TRL). Raises BadSample."""
+    answers = [meta.get("chosen"), meta.get("rejected")]
+    if not all(isinstance(answer, str) for answer in answers):
+        raise BadSample("malformed_conversation", "chosen and rejected must be strings")
+    if not all(answer.strip() for answer in answers):
+        raise BadSample("empty_answer", "chosen or rejected is empty")
+    if answers[0].strip() == answers[1].strip():
+        raise BadSample("identical_answers", "chosen and rejected are the same answer")
+    if any(IMAGE_PLACEHOLDER in answer for answer in answers):
+        raise BadSample("image_count_mismatch", f"{IMAGE_PLACEHOLDER} inside an answer")
+    prompt = meta.get("prompt")
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) or prompt[-1].get("role") != "user":
+        raise BadSample("malformed_conversation", "prompt must be a list of turns ending with a user turn")
+    rendered = []
+    for answer in answers:
+        try:
+            segments = render({"conversations": [*prompt, {"role": "assistant", "content": answer}]}, template,
+                              eos_token, tokenizer, num_images=num_images)
+        except ValueError as err:
+            raise BadSample("malformed_conversation", str(err)) from None
+        last = max(i for i, segment in enumerate(segments) if segment.is_target)
+        rendered.append(merge_segments([Segment(seg.text, i == last) for i, seg in enumerate(segments)]))
+    return rendered[0], rendered[1]
 
 
 def document_segments(document, num_images: int, eos_token: str,

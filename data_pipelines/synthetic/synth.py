@@ -102,14 +102,29 @@ def document_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tup
     return {"document": items, "source": SOURCE}, images
 
 
+def preference_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[str, bytes]]]:
+    """The colour question with two answers: chosen in a whole sentence ("この図形は赤色です。"), rejected as the VQA
+    set teaches it ("赤色です。"): a style a preference stage can move a model toward, and measure (shapes-eval)."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    image = draw_shape(rng, shape, colour, image_size)
+    meta = {"prompt": [{"role": "user", "content": f"<image>\n{COLOUR_QUESTION}"}],
+            "chosen": preferred_colour_answer(colour), "rejected": f"{colour}色です。", "source": SOURCE}
+    return meta, [("png", png_bytes(image))]
+
+
+def preferred_colour_answer(colour: str) -> str:
+    return f"この図形は{colour}色です。"  # every piece is in the tiny tokenizer's texts (synth_texts)
+
+
 def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
     return [turn for q, a in pairs for turn in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
 def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_per_shard: int = 500,
-               image_size: int = 64, documents: int = 0) -> dict[str, list[str]]:
+               image_size: int = 64, documents: int = 0, preferences: int = 0) -> dict[str, list[str]]:
     """Write `samples` caption and `samples` VQA samples as captions-NNNNNN.tar / vqa-NNNNNN.tar plus index.json,
-    and `documents` interleaved documents as docs-NNNNNN.tar (none by default: the set stays what it was).
+    `documents` interleaved documents as docs-NNNNNN.tar and `preferences` preference pairs as prefs-NNNNNN.tar
+    (none of either by default: the set stays what it was).
 
     Byte-identical for the same arguments. index.json is written last, so its presence means the set is complete.
     """
@@ -119,6 +134,7 @@ def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_
     written: dict[str, list[str]] = {}
     kinds = [("caption", "captions", caption_sample, samples), ("vqa", "vqa", vqa_sample, samples)]
     kinds += [("interleaved", "docs", document_sample, documents)] if documents else []
+    kinds += [("preference", "prefs", preference_sample, preferences)] if preferences else []
     counts = {task: count for task, _, _, count in kinds}
     for task, prefix, make, count in kinds:
         rng = random.Random(f"kakehashi-synth:{seed}:{task}")  # str seeds are hashed stably across processes

@@ -36,7 +36,7 @@ from train.models.configs import (
     own_fields,
     set_attn_implementation,
 )
-from train.models.loss import SourceTokens, lm_loss_sum, loss_of, set_loss
+from train.models.loss import SourceTokens, lm_loss_sum, loss_of, sequence_logps, set_loss
 from train.models.tokenizers import IMAGE_TOKEN
 from train.models.weights import Weight, checkpoint_dir
 
@@ -311,18 +311,23 @@ class LlavaForTraining(nn.Module):
         self.llava = llava
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None,
-                sources: SourceTokens | None = None):
+                sources: SourceTokens | None = None, pair_images: bool = False):
         # input_ids, attention_mask, labels: [B, T]; pixel_values: [N_images, 3, H, W] or None;
         # position_ids: [B, T] for packed rows (restarting per sample), else None
+        # pair_images: preference pairs (collate_pairs): rows [chosen..., rejected...], each pair's images once;
+        # returns (summed target log-probability per row [B], targets per row [B]) instead of the loss
         assert image_grid_thw is None, "a LLaVA vision tower takes fixed-size images, not dynamic-resolution patches"
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)  # [B, T, D]
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids, pair_images)  # [B, T, D]
+        if pair_images:
+            return sequence_logps(hidden, self.llava.lm_head, labels, loss_of(self.llava)[1])
         return lm_loss_sum(hidden, self.llava.lm_head, labels, loss_of(self.llava), sources)
 
     def logits(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
         return self.llava.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, position_ids))
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values=None, position_ids=None):
-        """The LLM's last hidden states [B, T, D] (before the LM head, which the loss applies chunk by chunk)."""
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None, position_ids=None, pair_images=False):
+        """The LLM's last hidden states [B, T, D] (before the LM head, which the loss applies chunk by chunk).
+        `pair_images`: the images' features fill the image tokens twice (the chosen rows', then the rejected rows')."""
         config = self.llava.config
         embeds = self.llava.get_input_embeddings()(input_ids)  # [B, T, D]
         dummy = pixel_values is None
@@ -337,6 +342,8 @@ class LlavaForTraining(nn.Module):
         )
         features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
         features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).to(embeds.dtype)  # [N*tokens, D]
+        if pair_images and not dummy:  # the tower ran once per pair; both rows of a pair read its features
+            features = torch.cat([features, features])
         if dummy:
             embeds = embeds + 0.0 * features.sum()
         else:

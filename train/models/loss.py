@@ -152,6 +152,33 @@ def _chunks_on_every_rank(count: int, lm_head: nn.Module) -> int:
     return int(most.item())
 
 
+def sequence_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                   chunk_size: int = DEFAULT_LOSS[1]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's targets [B] fp32, with gradient; target count per row [B]) of the LLM's
+    last hidden states [B, T, D] through `lm_head` against labels [B, T]: what preference losses compare (TRL's
+    `logps`). Chunked as chunked_loss_sum is: the [tokens, vocab] logits are never held whole."""
+    from torch.utils.checkpoint import checkpoint
+
+    rows, length = labels.shape[0], labels.shape[1] - 1
+    flat, targets = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # [N, D], [N]
+    count = -(-flat.shape[0] // chunk_size)
+    pieces = [checkpoint(_chunk_target_logps, lm_head, flat[i:i + chunk_size], targets[i:i + chunk_size],
+                         use_reentrant=False) for i in range(0, flat.shape[0], chunk_size)]
+    for _ in range(_chunks_on_every_rank(count, lm_head) - count):  # ZeRO-3: as many head calls as every rank
+        pieces.append(0.0 * checkpoint(_chunk_target_logps, lm_head, flat[:1], torch.full_like(targets[:1], -100),
+                                       use_reentrant=False).sum())
+    logps = torch.cat(pieces[:count]).view(rows, length)  # [B, T-1]; 0 where the label is ignored
+    extra = sum(pieces[count:], logps.new_zeros(()))
+    return logps.sum(1) + extra, (labels[:, 1:] != -100).sum(1)
+
+
+def _chunk_target_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per token [N] fp32 (0 where the target is ignored)."""
+    log_probs = nn.functional.log_softmax(lm_head(hidden).float(), -1)  # [N, V]
+    kept = targets != -100
+    return log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * kept
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss in fp32, target count) of logits [B, T, V] against labels [B, T] (-100: not a target).
 

@@ -37,7 +37,7 @@ from train.models.configs import (
     own_fields,
     set_attn_implementation,
 )
-from train.models.loss import SourceTokens, lm_loss_sum, loss_of, set_loss
+from train.models.loss import SourceTokens, lm_loss_sum, loss_of, sequence_logps, set_loss
 from train.models.tokenizers import IMAGE_TOKEN, token_of
 from train.models.weights import Weight, checkpoint_dir
 
@@ -115,7 +115,7 @@ class Qwen2VLVisionLM(nn.Module):
         features = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output  # blocks, then the merger
         return self.norm(features) if self.norm is not None else features
 
-    def embeddings(self, input_ids, pixel_values=None, image_grid_thw=None):
+    def embeddings(self, input_ids, pixel_values=None, image_grid_thw=None, pair_images=False):
         """Token embeddings [B, T, D] with the image features in the <image> positions.
 
         The vision encoder runs on every call, on a dummy image whose contribution is zeroed when there is none:
@@ -131,14 +131,17 @@ class Qwen2VLVisionLM(nn.Module):
         features = self.image_features(pixel_values.to(embeds.dtype), image_grid_thw).to(embeds.dtype)
         if dummy:
             return embeds + 0.0 * features.sum()
+        if pair_images:  # the encoder ran once per preference pair; its chosen and rejected rows both read it
+            features = torch.cat([features, features])
         image_mask = (input_ids == self.config.image_token_index).unsqueeze(-1)  # [B, T, 1]
         if image_mask.sum() != features.shape[0]:
             raise ValueError(f"{int(image_mask.sum())} image tokens in the text, {features.shape[0]} image features")
         return embeds.masked_scatter(image_mask.expand_as(embeds), features)
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, position_ids=None):
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, position_ids=None,
+                      pair_images=False):
         """The LLM's last hidden states [B, T, D] (before the LM head, which the loss applies chunk by chunk)."""
-        embeds = self.embeddings(input_ids, pixel_values, image_grid_thw)
+        embeds = self.embeddings(input_ids, pixel_values, image_grid_thw, pair_images)
         if position_ids is not None:  # a packed row: transformers builds the block-diagonal mask from position ids
             attention_mask = None     # (only with no mask and no KV cache, hence use_cache=False)
         return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -149,9 +152,13 @@ class Qwen2VLVisionLM(nn.Module):
                                                    position_ids))
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None, position_ids=None,
-                sources: SourceTokens | None = None):
-        """(summed token loss, target count): the engine normalises over every target token of an optimizer step."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)
+                sources: SourceTokens | None = None, pair_images: bool = False):
+        """(summed token loss, target count): the engine normalises over every target token of an optimizer step.
+        With `pair_images` (preference pairs): (target log-probability per row, targets per row), as LLaVA's."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                                    pair_images)
+        if pair_images:
+            return sequence_logps(hidden, self.llm.lm_head, labels, loss_of(self)[1])
         return lm_loss_sum(hidden, self.llm.lm_head, labels, loss_of(self), sources)
 
     @torch.no_grad()
