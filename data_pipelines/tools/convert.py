@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 from data_pipelines.errors import UsageError
 from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
-from data_pipelines.output import result
+from data_pipelines.output import result, result_json
 from data_pipelines.read.shards import ShardWriter, write_manifest
 from data_pipelines.render.templates import IMAGE_PLACEHOLDER, conversation_turns
 
@@ -271,6 +271,8 @@ def add_output_options(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--source", help="`source` to record in each sample")
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
     parser.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (1e9)")
+    parser.add_argument("--json", action="store_true", help='print {"out", "name", "kept", "skipped", '
+                                                            '"skipped_by_reason", "shards"}')
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -282,7 +284,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already holds {args.name}-*.tar shards")
     records, total = input_records(args, source)
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes), total)
-    report_summary(summary, out, args.name)
+    report_summary(summary, out, args.name, args.json)
     return 0
 
 
@@ -306,7 +308,13 @@ def input_records(args: argparse.Namespace, source: Path) -> tuple[Iterator, int
     return file_records(rows, images_dir, args.source), len(rows)
 
 
-def report_summary(summary: dict, out: Path, name: str) -> None:
+def report_summary(summary: dict, out: Path, name: str, as_json: bool = False) -> None:
+    """The summary line as the result, or with `as_json` the counts as the one JSON result and the line on stderr."""
     reasons = ", ".join(f"{reason}={count}" for reason, count in summary["skipped_by_reason"].items())
-    result(f"converted: kept {summary['kept']}, skipped {summary['skipped']}, "
-           f"{summary['shards']} shard(s) in {out}/{name}-*.tar" + (f" (skipped: {reasons})" if reasons else ""))
+    line = (f"converted: kept {summary['kept']}, skipped {summary['skipped']}, "
+            f"{summary['shards']} shard(s) in {out}/{name}-*.tar" + (f" (skipped: {reasons})" if reasons else ""))
+    if as_json:
+        result_json({"out": str(out), "name": name, **summary})
+        print(line, file=sys.stderr)
+    else:
+        result(line)

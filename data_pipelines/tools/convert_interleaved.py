@@ -172,5 +172,5 @@ def cmd_convert_documents(args: argparse.Namespace) -> int:
     records = (obelics_records(table_rows(source), args) if args.convert_kind == "obelics"
                else mmc4_records(source, args))
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes))
-    report_summary(summary, out, args.name)
+    report_summary(summary, out, args.name, args.json)
     return 0
