@@ -1,5 +1,6 @@
-"""`kakehashi data convert llava|jsonl|hf|coco` (and `obelics|mmc4`: tools/convert_interleaved.py): other
-formats -> `OUT/<name>-NNNNNN.tar` shards plus `OUT/index.json`.
+"""`kakehashi data convert llava|jsonl|hf|coco` (and `obelics|mmc4`: tools/convert_interleaved.py;
+`llamafactory-dpo|preference-table`: tools/convert_preference.py): other formats -> `OUT/<name>-NNNNNN.tar` shards
+plus `OUT/index.json`.
 
 Images keep their original bytes when they decode (modes and EXIF rotation are handled when read, so nothing is
 re-encoded); formats a shard cannot name are stored as PNG. A record that cannot become a sample (missing or
@@ -240,11 +241,11 @@ def read_coco(path: Path) -> dict:
 
 def register(commands):
     """Add `convert llava|jsonl|hf|coco` to the `data` group's subparsers; returns the kinds' subparsers (where
-    data_pipelines/tools/commands.py adds convert_interleaved's)."""
-    convert = commands.add_parser("convert", help="convert LLaVA JSON, JSONL, a HF dataset, COCO captions or "
-                                                  "interleaved documents into shards")
-    kinds = convert.add_subparsers(dest="convert_kind", metavar="{llava,jsonl,hf,coco,obelics,mmc4}", required=True,
-                                   parser_class=type(convert))
+    data_pipelines/tools/commands.py adds convert_interleaved's and convert_preference's)."""
+    convert = commands.add_parser("convert", help="convert LLaVA JSON, JSONL, a HF dataset, COCO captions, "
+                                                  "interleaved documents or preference pairs into shards")
+    kinds = convert.add_subparsers(dest="convert_kind", required=True, parser_class=type(convert),
+                                   metavar="{llava,jsonl,hf,coco,obelics,mmc4,llamafactory-dpo,preference-table}")
     for kind, help_text in (("llava", "LLaVA JSON: id, image (path or list), conversations (from/value)"),
                             ("jsonl", "one JSON object per line: image path(s) + caption or conversations"),
                             ("hf", "a datasets folder (save_to_disk) or local parquet/arrow files"),
