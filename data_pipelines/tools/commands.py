@@ -17,7 +17,7 @@ from data_pipelines.output import result, result_json
 from data_pipelines.read.shards import iter_raw_samples
 from data_pipelines.render.samples import BadSample, prepare_sample
 from data_pipelines.render.templates import TEMPLATES
-from data_pipelines.tools import convert, convert_interleaved, verify
+from data_pipelines.tools import convert, convert_interleaved, convert_preference, verify
 from data_pipelines.tools.cli_common import load_tokenizer, shard_paths
 
 
@@ -47,7 +47,9 @@ def register(subparsers) -> None:
                               '...], "shown", "bad"}')
     preview.add_argument("--tokenizer", help="tokenizer folder (default: the built-in tiny Japanese tokenizer)")
     preview.set_defaults(func=cmd_preview)
-    convert_interleaved.register(convert.register(commands))
+    kinds = convert.register(commands)
+    convert_interleaved.register(kinds)
+    convert_preference.register(kinds)
     verify.register(commands)
 
 

@@ -1,5 +1,6 @@
-"""`kakehashi data convert llava|jsonl|hf|coco` (and `obelics|mmc4`: tools/convert_interleaved.py): other
-formats -> `OUT/<name>-NNNNNN.tar` shards plus `OUT/index.json`.
+"""`kakehashi data convert llava|jsonl|hf|coco` (and `obelics|mmc4`: tools/convert_interleaved.py;
+`llamafactory-dpo|preference-table`: tools/convert_preference.py): other formats -> `OUT/<name>-NNNNNN.tar` shards
+plus `OUT/index.json`.
 
 Images keep their original bytes when they decode (modes and EXIF rotation are handled when read, so nothing is
 re-encoded); formats a shard cannot name are stored as PNG. A record that cannot become a sample (missing or
@@ -20,7 +21,7 @@ from typing import Iterable, Iterator
 
 from data_pipelines.errors import UsageError
 from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_upright_rgb, open_image
-from data_pipelines.output import result
+from data_pipelines.output import result, result_json
 from data_pipelines.read.shards import ShardWriter, write_manifest
 from data_pipelines.render.templates import IMAGE_PLACEHOLDER, conversation_turns
 
@@ -240,11 +241,11 @@ def read_coco(path: Path) -> dict:
 
 def register(commands):
     """Add `convert llava|jsonl|hf|coco` to the `data` group's subparsers; returns the kinds' subparsers (where
-    data_pipelines/tools/commands.py adds convert_interleaved's)."""
-    convert = commands.add_parser("convert", help="convert LLaVA JSON, JSONL, a HF dataset, COCO captions or "
-                                                  "interleaved documents into shards")
-    kinds = convert.add_subparsers(dest="convert_kind", metavar="{llava,jsonl,hf,coco,obelics,mmc4}", required=True,
-                                   parser_class=type(convert))
+    data_pipelines/tools/commands.py adds convert_interleaved's and convert_preference's)."""
+    convert = commands.add_parser("convert", help="convert LLaVA JSON, JSONL, a HF dataset, COCO captions, "
+                                                  "interleaved documents or preference pairs into shards")
+    kinds = convert.add_subparsers(dest="convert_kind", required=True, parser_class=type(convert),
+                                   metavar="{llava,jsonl,hf,coco,obelics,mmc4,llamafactory-dpo,preference-table}")
     for kind, help_text in (("llava", "LLaVA JSON: id, image (path or list), conversations (from/value)"),
                             ("jsonl", "one JSON object per line: image path(s) + caption or conversations"),
                             ("hf", "a datasets folder (save_to_disk) or local parquet/arrow files"),
@@ -271,6 +272,8 @@ def add_output_options(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--source", help="`source` to record in each sample")
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
     parser.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (1e9)")
+    parser.add_argument("--json", action="store_true", help='print {"out", "name", "kept", "skipped", '
+                                                            '"skipped_by_reason", "shards"}')
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -282,7 +285,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already holds {args.name}-*.tar shards")
     records, total = input_records(args, source)
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes), total)
-    report_summary(summary, out, args.name)
+    report_summary(summary, out, args.name, args.json)
     return 0
 
 
@@ -306,7 +309,13 @@ def input_records(args: argparse.Namespace, source: Path) -> tuple[Iterator, int
     return file_records(rows, images_dir, args.source), len(rows)
 
 
-def report_summary(summary: dict, out: Path, name: str) -> None:
+def report_summary(summary: dict, out: Path, name: str, as_json: bool = False) -> None:
+    """The summary line as the result, or with `as_json` the counts as the one JSON result and the line on stderr."""
     reasons = ", ".join(f"{reason}={count}" for reason, count in summary["skipped_by_reason"].items())
-    result(f"converted: kept {summary['kept']}, skipped {summary['skipped']}, "
-           f"{summary['shards']} shard(s) in {out}/{name}-*.tar" + (f" (skipped: {reasons})" if reasons else ""))
+    line = (f"converted: kept {summary['kept']}, skipped {summary['skipped']}, "
+            f"{summary['shards']} shard(s) in {out}/{name}-*.tar" + (f" (skipped: {reasons})" if reasons else ""))
+    if as_json:
+        result_json({"out": str(out), "name": name, **summary})
+        print(line, file=sys.stderr)
+    else:
+        result(line)

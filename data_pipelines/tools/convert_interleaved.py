@@ -68,14 +68,16 @@ def obelics_items(row: dict, texts_column: str, images_column: str) -> list[tupl
 
 
 def table_rows(path: Path) -> Iterator[dict]:
-    """Rows of a `datasets` folder (save_to_disk) or of parquet files (a file or a folder of them), streamed."""
+    """Rows of a `datasets` folder (save_to_disk) or of parquet files (a file or a folder of them), streamed, as
+    stored: an image cell stays its {"bytes", "path"} dict, never decoded (converters keep the original bytes)."""
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         import datasets
 
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[next(iter(dataset))]
-        yield from dataset
+        for batch in dataset.with_format("arrow").iter(batch_size=256):  # arrow: the features' decoding is skipped
+            yield from batch.to_pylist()
         return
     import pyarrow.parquet as pq
 
@@ -172,5 +174,5 @@ def cmd_convert_documents(args: argparse.Namespace) -> int:
     records = (obelics_records(table_rows(source), args) if args.convert_kind == "obelics"
                else mmc4_records(source, args))
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes))
-    report_summary(summary, out, args.name)
+    report_summary(summary, out, args.name, args.json)
     return 0
