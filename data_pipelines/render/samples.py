@@ -66,7 +66,7 @@ def prepare_sample(raw: RawSample, *, task: str | None, template: str, eos_token
         raise BadSample(raw.error)
     kind = sample_task(raw.meta)
     if kind is None:
-        raise BadSample("json_no_known_fields", "sample has none of 'caption', 'conversations', 'document' and 'chosen'")
+        raise BadSample("json_no_known_fields", f"sample has none of the fields {', '.join(TASK_FIELDS.values())}")
     if task is not None and kind != task:
         raise BadSample("task_mismatch", f"a {task} source sample needs a {TASK_FIELDS[task]!r} field")
     if kind == "vqa" and raw.meta["conversations"] in ([], None, ""):
@@ -116,7 +116,8 @@ def pair_segments(meta: dict, template: str, eos_token: str, tokenizer,
     if any(IMAGE_PLACEHOLDER in answer for answer in answers):
         raise BadSample("image_count_mismatch", f"{IMAGE_PLACEHOLDER} inside an answer")
     prompt = meta.get("prompt")
-    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) or prompt[-1].get("role") != "user":
+    last = prompt[-1] if isinstance(prompt, list) and prompt else None
+    if not isinstance(last, dict) or last.get("role") != "user":
         raise BadSample("malformed_conversation", "prompt must be a list of turns ending with a user turn")
     rendered = []
     for answer in answers:

@@ -145,6 +145,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
             result(f"=== {shard} :: {entry['key']}")
             result(entry["text"])
             result("--- targets: " + " | ".join(json.dumps(target, ensure_ascii=False) for target in entry["targets"]))
+            if "rejected_text" in entry:
+                result("--- rejected:\n" + entry["rejected_text"])
+                result("--- rejected targets: " + " | ".join(json.dumps(target, ensure_ascii=False)
+                                                             for target in entry["rejected_targets"]))
     if args.json:
         result_json({"samples": samples, "shown": shown, "bad": bad})
     print(f"previewed {shown} sample(s), {bad} bad", file=sys.stderr)
@@ -166,5 +170,9 @@ def preview_samples(shards: list[str], template: str, tokenizer, limit: int = 0)
             except BadSample as err:
                 yield shard, {"key": raw.key, "error": err.describe()}
                 continue
-            yield shard, {"key": raw.key, "text": "".join(segment.text for segment in sample.segments),
-                          "targets": [segment.text for segment in sample.segments if segment.is_target]}
+            entry = {"key": raw.key, "text": "".join(segment.text for segment in sample.segments),
+                     "targets": [segment.text for segment in sample.segments if segment.is_target]}
+            if sample.rejected is not None:  # a preference pair: `text` is the chosen answer's rendering
+                entry.update(rejected_text="".join(segment.text for segment in sample.rejected),
+                             rejected_targets=[segment.text for segment in sample.rejected if segment.is_target])
+            yield shard, entry
