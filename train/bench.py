@@ -65,7 +65,10 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise UsageError("--steps, --rounds, --llm-layers and --vision-layers must be >= 1, --warmup >= 0")
     # check the recipe and the stage here, before starting any run: one clear error, not one per child process
     recipe = load_recipe(args.recipe, args.overrides, check_data=False)
-    _stage_index(recipe, args.stage)
+    stage = recipe.stages[_stage_index(recipe, args.stage)]
+    if stage.objective != "sft" and args.packing != "off":  # pairs are never packed (train/recipe.py)
+        log.info("stage %s is a %s stage: one pair per row, measured unpacked", stage.name, stage.objective)
+        args.packing = "off"
     if args.peak_tflops:
         from train.flops import PEAK_TFLOPS_ENV
 
@@ -106,7 +109,8 @@ def alternate(args: argparse.Namespace) -> dict:
                   if ("trainer", mode) in median}
         if args.packing == "both":  # what packing buys over a Trainer that does not pack
             ratios["packed_vs_trainer_unpacked"] = _ratios(rounds, ("ours", "on"), ("trainer", "off"))
-        report["baseline"] = {"name": "transformers.Trainer", "rounds": args.rounds, **trainer,
+        name = "transformers.Trainer" if recipe_stage(args).objective == "sft" else "trl.DPOTrainer"
+        report["baseline"] = {"name": name, "rounds": args.rounds, **trainer,
                               "ours_over_baseline": ratios}
     return report
 
@@ -168,6 +172,11 @@ def _child(args: argparse.Namespace, runner: str, mode: str) -> dict:
     return json.loads(done.stdout)  # stdout holds the result document only
 
 
+def recipe_stage(args: argparse.Namespace):
+    recipe = load_recipe(args.recipe, args.overrides, check_data=False)
+    return recipe.stages[_stage_index(recipe, args.stage)]
+
+
 def _stage_index(recipe: Recipe, stage: str) -> int:
     names = [s.name for s in recipe.stages]
     if stage in names:
@@ -212,13 +221,14 @@ def prepared(args: argparse.Namespace):
             if args.runner == "ours":  # built as `kakehashi train` builds it (dtype, ZeRO-3 partitioning), random
                 built = build_stage(recipe, index, processor, config, rank=rank, world_size=world_size, load=False)
                 model, loader, zero_stage = built.model, built.loader, built.resolved.zero_stage
+                reference = built.reference
             else:  # Trainer trains a plain model (its own mixed precision, no ZeRO)
                 torch.manual_seed(recipe.seed)
                 model = family.build(recipe.model, config, load_weights=False)
                 loader = stage_loader(recipe, index, processor, config, rank=rank, world_size=world_size)
-                zero_stage = None
+                zero_stage, reference = None, None
             yield Prepared(recipe, stage, family, model, loader, work, rank, world_size, zero_stage, config,
-                           "stand-in" if is_stand_in(processor.tokenizer) else "recipe")
+                           "stand-in" if is_stand_in(processor.tokenizer) else "recipe", processor, reference)
         finally:
             distributed.close()
 
@@ -236,6 +246,8 @@ class Prepared:
     zero_stage: int | None   # the ZeRO stage our run trains with (train/stages.py resolve_stage); Trainer: none
     config: object
     tokenizer: str           # "recipe", or "stand-in" where the recipe's is not on this machine
+    processor: object = None
+    reference: object = None  # ours, a `reference: copy` preference stage: its frozen copy (train/build.py)
 
 
 class StepClock:
@@ -277,7 +289,12 @@ def measure(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         tracker = TensorPeak(run.model) if args.tensor_memory else None
         with tracker or nullcontext():
-            if args.runner == "trainer":
+            if args.runner == "trainer" and run.stage.objective != "sft":
+                from train.trainer_baseline import measure_dpo_trainer
+
+                clock = measure_dpo_trainer(run.family, run.model, run.stage, run.loader, run.processor,
+                                            steps=run.stage.steps, work=run.work)
+            elif args.runner == "trainer":
                 from train.trainer_baseline import measure_trainer
 
                 clock = measure_trainer(run.family, run.model, run.stage, run.loader, steps=run.stage.steps,
@@ -287,7 +304,7 @@ def measure(args: argparse.Namespace) -> dict:
                 from train.engine import train_stage
 
                 train_stage(run.family, run.model, run.stage, run.loader, rank=run.rank, world_size=run.world_size,
-                            hooks=[*stage_hooks(run.stage, rank=run.rank), clock])
+                            hooks=[*stage_hooks(run.stage, rank=run.rank), clock], reference_model=run.reference)
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
         stage, world_size = run.stage, run.world_size
@@ -325,9 +342,13 @@ def _positions(positions: int, steps: int, stage, world_size: int, vocab_size: i
 
 
 def _use_synthetic_data(recipe: Recipe, index: int, out: Path, samples: int) -> None:
-    """Point the stage's sources at freshly synthesized shapes shards of their task (captions or VQA)."""
+    """Point the stage's sources at freshly synthesized shapes shards of their task (captions, VQA, documents or
+    preference pairs)."""
     from data_pipelines.synthetic.synth import synthesize
 
-    synthesize(out, samples=samples, seed=recipe.seed)
+    tasks = {source.task for source in recipe.stages[index].data}
+    synthesize(out, samples=samples, seed=recipe.seed, documents=samples * ("interleaved" in tasks),
+               preferences=samples * ("preference" in tasks))
+    prefixes = {"caption": "captions", "vqa": "vqa", "interleaved": "docs", "preference": "prefs"}
     for source in recipe.stages[index].data:
-        source.shards = str(out / ("captions-*.tar" if source.task == "caption" else "vqa-*.tar"))
+        source.shards = str(out / f"{prefixes[source.task]}-*.tar")

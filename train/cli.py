@@ -77,6 +77,8 @@ def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None
             "micro_batch_size": stage.micro_batch_size, "schedule": describe_schedule(stage),
             "sources": [{"name": name, "task": source.task, "weight": source.weight,
                          "loss_weight": source.loss_weight} for name, source in zip(stage.source_names(), stage.data)],
+            "objective": stage.objective,
+            **({"preference": stage.preference.model_dump()} if stage.preference is not None else {}),
         })
         if gpus:
             stages[-1]["memory"] = stage_memory(family, config, recipe, stage, plan, gpus, gpu_memory)
@@ -109,6 +111,18 @@ def format_schedule(schedule: dict, steps: int) -> str:
             f"to {floor}")
 
 
+def format_preference(objective: str, spec: dict) -> str:
+    text = f"{objective} ({spec['loss']}, beta {spec['beta']:g}"
+    text += f", label_smoothing {spec['label_smoothing']:g}" if spec["label_smoothing"] else ""
+    if objective == "mpo":
+        weights = spec["mpo"]
+        text += (f"; weights preference {weights['preference']:g}, quality {weights['quality']:g}, "
+                 f"generation {weights['generation']:g}")
+    held = {"copy": "a frozen copy of the stage's starting weights",
+            "adapters": "the policy with its LoRA adapters off (no copy)"}[spec["reference"]]
+    return text + f"); reference: {held}"
+
+
 def cmd_recipe_check(args) -> int:
     from train.memory import format_plan, parse_size
     from train.stages import format_freeze_table
@@ -139,6 +153,8 @@ def cmd_recipe_check(args) -> int:
         result(format_freeze_table({c: {"trainable": stage["trainable"][c], "frozen": stage["frozen"][c]}
                                     for c in COMPONENTS}))
         result(f"  lr: {format_schedule(stage['schedule'], stage['steps'])}")
+        if "preference" in stage:
+            result("  objective: " + format_preference(stage["objective"], stage["preference"]))
         result("  data: " + ", ".join(f"{s['name']} ({s['task']}, weight {s['weight']:g}"
                                       + (f", loss_weight {s['loss_weight']:g}" if s["loss_weight"] != 1 else "") + ")"
                                       for s in stage["sources"]))

@@ -14,34 +14,15 @@ import torch
 
 from data_pipelines.batch.collate import model_inputs
 from data_pipelines.render.tokenize import IGNORE_INDEX
-from train import checkpoint, distributed, flops, watchdog
+from train import checkpoint, distributed, watchdog
 from train.hooks import StageSummary, Totals, stage_hooks  # noqa: F401 (StageSummary: what a stage returns)
 from train.models.base import ModelFamily
 from train.models.loss import SourceTokens
 from train.recipe import Stage
 from train.stages import ResolvedStage, StagePlan, build_optimizer, plan_stage, resolve_stage
+from train.step import StepResult, counts
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepResult:
-    """One optimizer step, summed over all ranks."""
-
-    step: int
-    loss: float              # summed token loss / target tokens
-    applied: bool            # False: a non-finite loss or gradient somewhere; every rank skipped the update
-    targets: int             # target tokens
-    tokens: int              # real (non-pad) tokens
-    samples: int
-    positions: int           # padded positions (tokens / positions: the non-pad share)
-    flops: float             # model FLOPs (train/flops.py)
-    seconds: float
-    source_losses: dict[str, float] = field(default_factory=dict)  # source -> its targets' mean loss (unweighted)
-    source_targets: dict[str, int] = field(default_factory=dict)   # source -> its target tokens
-    lrs: dict[str, float] = field(default_factory=dict)  # param group -> the lr this step used (before the scheduler
-                                                          # moves it on for the next step)
-    extra: dict[str, float] = field(default_factory=dict)  # the objective's own metrics (preference: rewards/...)
 
 
 @dataclass
@@ -253,15 +234,6 @@ class PerSource:
         sums, targets = figures[:self.count], figures[self.count:]
         return ({name: s / t for name, s, t in zip(self.names, sums, targets) if t},
                 {name: int(t) for name, t in zip(self.names, targets) if t})
-
-
-def counts(ctx: StageContext, micro_batches: list[dict]) -> list[float]:
-    """This rank's real (non-pad) tokens, samples, padded positions and model FLOPs of a step (host-side data)."""
-    return [sum(int(b["attention_mask"].sum()) for b in micro_batches),
-            sum(b.get("num_samples", b["input_ids"].shape[0]) for b in micro_batches),
-            sum(b["attention_mask"].numel() for b in micro_batches),
-            sum(ctx.plan.flops.step_flops(flops.batch_counts(b, ctx.image_token_id, ctx.vision_length))
-                for b in micro_batches)]
 
 
 def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int,

@@ -19,7 +19,10 @@ fp32; P parameters of which T train):
               checkpointing only each layer's input plus one layer's worth recomputed; the vision encoder's only when it
               trains (its last k blocks with partial unfreezing), over the patches of the micro-batch's images;
 - logits      the LM head's output, its fp32 log-softmax and that one's gradient (logit_bytes per token and
-              vocabulary entry), for all the micro-batch's tokens, or one loss chunk's with a chunked loss.
+              vocabulary entry), for all the micro-batch's tokens, or one loss chunk's with a chunked loss;
+- reference   a preference stage (dpo, mpo) with `reference: copy`: a second copy of the weights (P*b, split over N
+              under ZeRO-3); none with `reference: adapters`. A micro-batch of a preference stage is 2 x
+              micro_batch_size rows (chosen and rejected) of max_length tokens, with each pair's images once.
 Checked against `bench train --tensor-memory`'s measured peak of live tensors (`compare`; tests/train/test_memory.py):
 the tiny recipe's packed stage 2 and a real-width, reduced-depth LLM (tests/fixtures), within 20%.
 """
@@ -89,6 +92,7 @@ class StageMemory:
     total: int
     fits: bool | None              # None without a GPU size
     zero_stage: int                # the ZeRO stage a run on that many GPUs uses (train/stages.py resolve_stage)
+    reference: int = 0             # a preference stage's frozen reference copy (0: none, or adapters switched off)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,21 +119,25 @@ def estimate(shapes: Shapes, params: dict[str, int], trainable: dict[str, int], 
     if zero == 3:
         layer = 4 * shapes.llm_hidden ** 2 + 3 * shapes.llm_hidden * shapes.llm_intermediate
         buffers += (PREFETCH_BUCKET + layer) * b
-    tokens = stage.micro_batch_size * stage.max_length
-    activations, checkpointed = _activations(shapes, trainable, stage, tokens, b)
+    rows = 1 if stage.objective == "sft" else 2  # a preference pair is two rows (chosen, rejected), one image set
+    tokens = rows * stage.micro_batch_size * stage.max_length
+    activations, checkpointed = _activations(shapes, trainable, stage, tokens, b, images_from=tokens // rows)
+    reference = weights if stage.objective != "sft" and stage.preference.reference == "copy" else 0
     logits = min(tokens, loss_chunk or tokens) * shapes.vocab * logit_bytes(b)
     # the reduction bucket is allocated when the backward pass makes its first trained gradient: at its start when
     # the LLM trains (every activation still held), after the LLM's backward when only what feeds it trains
     alongside = bool(trainable.get("llm")) or zero == 3
-    states = weights + gradients + optimizer
+    states = weights + gradients + optimizer + reference
     total = states + (buffers + activations + logits if alongside else max(buffers, activations + logits))
     fits = None if gpu_memory is None else total <= gpu_memory * (1 - RESERVED)
     return StageMemory(weights, gradients, optimizer, buffers, activations, logits, checkpointed, alongside, total,
-                       fits, zero)
+                       fits, zero, reference)
 
 
-def _activations(shapes: Shapes, trainable: dict[str, int], stage, tokens: int, b: int) -> tuple[int, int]:
-    """(saved activations of one micro-batch, the same with checkpointing on every component)."""
+def _activations(shapes: Shapes, trainable: dict[str, int], stage, tokens: int, b: int,
+                 images_from: int) -> tuple[int, int]:
+    """(saved activations of one micro-batch, the same with checkpointing on every component); `images_from`: the
+    tokens whose images the vision encoder sees (a preference pair's two rows share one image set)."""
     checkpointed = stage.gradient_checkpointing
     per_layer = tokens * (ACT_HIDDEN * shapes.llm_hidden + ACT_MLP * shapes.llm_intermediate) * b
     if not trainable.get("llm"):
@@ -138,7 +146,7 @@ def _activations(shapes: Shapes, trainable: dict[str, int], stage, tokens: int, 
     llm_ckpt = shapes.llm_layers * tokens * shapes.llm_hidden * b + per_layer
     vision_full = vision_ckpt = 0
     if trainable.get("vision_encoder"):
-        images = max(1, tokens // max(shapes.image_tokens_per_image, 1))
+        images = max(1, images_from // max(shapes.image_tokens_per_image, 1))
         vision_tokens = images * shapes.vision_tokens_per_image
         blocks = stage.vision_encoder_last_blocks or shapes.vision_layers
         vision_layer = vision_tokens * (ACT_HIDDEN * shapes.vision_hidden + ACT_MLP * shapes.vision_intermediate) * b
@@ -171,7 +179,7 @@ def format_plan(memory: dict, gpu_memory: int | None, stage_zero: int) -> str:
     """The estimate of one stage (StageMemory.as_dict()) as the lines `recipe check` prints; `stage_zero`: the
     recipe's ZeRO stage (one GPU runs fp32 ZeRO-1/2 as ZeRO-0, and the estimate says so)."""
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
-    states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["buffers"]
+    states = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["buffers"] + memory["reference"]
     verdict = "" if memory["fits"] is None else (" -> fits" if memory["fits"] else " -> DOES NOT FIT")
     room = f" of {gib(gpu_memory)} ({RESERVED:.0%} kept free)" if gpu_memory else ""
     return "\n".join([
@@ -179,6 +187,7 @@ def format_plan(memory: dict, gpu_memory: int | None, stage_zero: int) -> str:
         + (f" (run as ZeRO-{memory['zero_stage']} on one GPU)" if memory["zero_stage"] != stage_zero else ""),
         f"    states {gib(states)}: weights {gib(memory['weights'])}, gradients {gib(memory['gradients'])}, "
         f"optimizer {gib(memory['optimizer'])}, buffers {gib(memory['buffers'])}"
+        + (f", reference copy {gib(memory['reference'])}" if memory["reference"] else "")
         + ("" if memory["buffers_alongside"] else " (freed activations make room for them)"),
         f"    activations {gib(memory['activations'])} (all checkpointed: {gib(memory['activations_checkpointed'])}),"
         f" logits {gib(memory['logits'])}"])

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from data_pipelines.batch.collate import model_inputs
 from train import distributed, watchdog
+from train.step import StepResult, counts
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,6 @@ def pair_loss(ctx, logps: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor,
 def preference_step(ctx, micro_batches: list[dict], step: int):
     """One optimizer step over this rank's micro-batches of pairs; figures summed over all ranks (StepResult).
     FLOPs count the policy's training work only (engine.counts), not the reference's forward, as MFU is counted."""
-    from train.engine import StepResult, counts
-
     engine, started = ctx.engine, time.perf_counter()
     lrs = {group["name"]: group["lr"] for group in ctx.optimizer.param_groups}
     watchdog.phase(f"step {step}: all-reduce of the pair counts")

@@ -12,6 +12,7 @@ import random
 from data_pipelines.synthetic.synth import (
     COLOUR_QUESTION,
     COLOURS,
+    SENTENCE_OPENING,
     SHAPE_QUESTION,
     SHAPES,
     draw_shape,
@@ -31,7 +32,8 @@ def shapes_accuracy(model_dir, samples: int = 100, seed: int = 12345, image_size
         image = draw_shape(rng, shape, colour, image_size)
         said_colour = answer(model, processor, [image], COLOUR_QUESTION)
         said_shape = answer(model, processor, [image], SHAPE_QUESTION)
-        colour_hits += said_colour.startswith(colour + "色")
+        # the colour named first, in the VQA set's answer or the preference pairs' whole sentence
+        colour_hits += said_colour.removeprefix(SENTENCE_OPENING).startswith(colour + "色")
         shape_hits += said_shape.startswith(shape)
         preferred += said_colour.startswith(preferred_colour_answer(colour))  # as the synthetic pairs' chosen
         if len(examples) < 5:

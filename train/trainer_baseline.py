@@ -1,5 +1,5 @@
 """The baseline of `bench train --baseline trainer`: the same stage trained by transformers' `Trainer`, which LLaVA,
-LLaMA-Factory and ms-swift build on.
+LLaMA-Factory and ms-swift build on; a preference stage by TRL's `DPOTrainer` (`measure_dpo_trainer`).
 
 Same model (the family's training module, its stage plan applied), same micro-batches (the stage's own loader,
 normalised as the engine normalises them), same optimizer (the stage's AdamW parameter groups and warmup-cosine
@@ -87,6 +87,74 @@ def measure_trainer(family, model, stage, loader, *, steps: int, work) -> StepCl
     trainer.train()
     for index in range(steps):
         held = batches.consumed[index * accumulation:(index + 1) * accumulation]
+        clock.records.append({"tokens": sum(t for t, _, _ in held), "samples": sum(s for _, s, _ in held),
+                              "positions": sum(p for _, _, p in held), "flops": None})
+    return clock
+
+
+class _PairBatches(_Batches):
+    """A preference stage's micro-batches in TRL's layout: rows [chosen..., rejected...] as ours, completion_mask
+    where our labels are targets, and each pair's images once per row (TRL's collator repeats them, so its forward
+    encodes every image twice). The "images" key only tells DPOTrainer the data is a VLM's (it then leaves it
+    unprocessed).
+
+    DPOTrainer takes only a `datasets` dataset: it gets one of row numbers (one per micro-batch), and its collator
+    hands over this iterator's next micro-batch instead, as Trainer's own loop would load it."""
+
+    def __iter__(self):
+        for inputs in super().__iter__():
+            pixels = inputs.pop("pixel_values", None)
+            yield {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                   "completion_mask": (inputs["labels"] != -100).long(),
+                   **({"pixel_values": torch.cat([pixels, pixels])} if pixels is not None else {})}
+
+    def stand_in(self, micro_batches: int):
+        import datasets
+
+        return datasets.Dataset.from_dict({"row": list(range(micro_batches)), "images": [None] * micro_batches})
+
+
+def measure_dpo_trainer(family, model, stage, loader, processor, *, steps: int, work) -> StepClock:
+    """Train `steps` steps of a preference stage with TRL's DPOTrainer on the same model (the family's transformers
+    class), the same pairs and batches, the same beta and loss (MPO: TRL's [sigmoid, bco_pair, sft] with the stage's
+    weights), the same optimizer and schedule; its reference a frozen copy of the starting model."""
+    import copy
+
+    import trl
+
+    from train.engine import enable_fast_paths
+    from train.errors import UsageError
+    from train.stages import build_optimizer, plan_stage, resolve_stage
+
+    model = family.transformers_model(model)
+    if model is None:
+        raise UsageError(f"bench train --baseline trainer on a {stage.objective} stage runs TRL's DPOTrainer, which "
+                         f"trains transformers model classes; the {family.name} family's is kakehashi's own")
+    spec, reference = stage.preference, copy.deepcopy(model).eval()
+    plan_stage(family, model, stage)
+    resolved = resolve_stage(stage, 1)
+    enable_fast_paths(family, model, resolved)
+    optimizer, scheduler = build_optimizer(family, model, stage)
+    losses, weights = (["sigmoid"], [1.0]) if stage.objective == "dpo" else \
+        (["sigmoid", "bco_pair", "sft"], [spec.mpo.preference, spec.mpo.quality, spec.mpo.generation])
+    cuda = torch.cuda.is_available()
+    arguments = trl.DPOConfig(
+        output_dir=str(work / "dpo-trainer"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=resolved.accumulation, max_steps=steps, max_grad_norm=stage.max_grad_norm,
+        bf16=resolved.dtype == torch.bfloat16, use_cpu=not cuda, logging_strategy="no", save_strategy="no",
+        report_to=[], dataloader_num_workers=0, dataloader_pin_memory=False, remove_unused_columns=False,
+        disable_tqdm=True, seed=0, beta=spec.beta, loss_type=[spec.loss] if stage.objective == "dpo" else losses,
+        loss_weights=weights, label_smoothing=spec.label_smoothing, max_length=None,
+        gradient_checkpointing=bool(resolved.checkpointed), accelerator_config={"dispatch_batches": False})
+    batches, clock = _PairBatches(loader, torch.device("cuda" if cuda else "cpu")), StepClock()
+    pairs = iter(batches)
+    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=arguments, processing_class=processor,
+                             train_dataset=batches.stand_in(steps * resolved.accumulation),
+                             optimizers=(optimizer, scheduler), callbacks=[clock],
+                             data_collator=lambda items: next(pairs))
+    trainer.train()
+    for index in range(steps):
+        held = batches.consumed[index * resolved.accumulation:(index + 1) * resolved.accumulation]
         clock.records.append({"tokens": sum(t for t, _, _ in held), "samples": sum(s for _, s, _ in held),
                               "positions": sum(p for _, _, p in held), "flops": None})
     return clock

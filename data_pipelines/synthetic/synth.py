@@ -112,8 +112,11 @@ def preference_sample(rng: random.Random, image_size: int) -> tuple[dict, list[t
     return meta, [("png", png_bytes(image))]
 
 
+SENTENCE_OPENING = "この図形は"  # how the preferred colour answer opens (a piece of COLOUR_QUESTION)
+
+
 def preferred_colour_answer(colour: str) -> str:
-    return f"この図形は{colour}色です。"  # every piece is in the tiny tokenizer's texts (synth_texts)
+    return f"{SENTENCE_OPENING}{colour}色です。"  # every piece is in the tiny tokenizer's texts (synth_texts)
 
 
 def _turns(pairs: list[tuple[str, str]]) -> list[dict]:

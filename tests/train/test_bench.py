@@ -55,6 +55,24 @@ def test_bench_train_baseline_trainer_reports_ours_over_the_trainer_per_round_an
         round(report["packed"]["tokens_per_s"] / baseline["unpacked"]["tokens_per_s"], 2)]
 
 
+@pytest.mark.slow
+def test_bench_train_on_a_preference_stage_runs_trls_dpo_trainer_on_the_same_pairs():
+    """The MPO stage against TRL's DPOTrainer (its MPO losses), unpacked: the same pairs (real-token share, pairs
+    per step); no timing asserted."""
+    done = kakehashi("bench", "train", REPO / "recipes" / "tiny" / "asagi-mpo.yaml", "--stage", "prefer",
+                     "--baseline", "trainer", "--steps", "2", "--warmup", "1", "--synthetic", "40", "--json",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    baseline = report["baseline"]
+    assert baseline["name"] == "trl.DPOTrainer" and set(baseline["ours_over_baseline"]) == {"unpacked"}
+    trainer = baseline["unpacked"]
+    assert report["packing"] is trainer["packing"] is False and report["steps"] == trainer["steps"] == 2
+    assert trainer["nonpad_fraction"] == pytest.approx(report["nonpad_fraction"])
+    # pairs per second: 16 pairs a step in both
+    assert trainer["samples_per_s"] * trainer["seconds"] == pytest.approx(report["samples_per_s"] * report["seconds"])
+
+
 def test_bench_train_refuses_an_unknown_stage_in_one_line():
     done = kakehashi("bench", "train", TINY_RECIPE, "--stage", "7", "--packing", "on")
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -20,7 +20,8 @@ TRAINED = {"vision_encoder": 0, "projector": 100, "llm": 600}    # T = 700
 
 def stage(**fields):
     defaults = dict(name="s", precision="bf16", zero_stage=2, micro_batch_size=2, global_batch_size=8, max_length=4,
-                    max_grad_norm=1.0, gradient_checkpointing=False, vision_encoder_last_blocks=None)
+                    max_grad_norm=1.0, gradient_checkpointing=False, vision_encoder_last_blocks=None,
+                    objective="sft", preference=None)
     return SimpleNamespace(**{**defaults, **fields})
 
 
@@ -39,6 +40,16 @@ def test_states_by_zero_stage(zero, weights, gradients, optimizer, buffers):
     assert (got.weights, got.gradients, got.optimizer, got.buffers) == (weights, gradients, optimizer, buffers)
     assert got.buffers_alongside  # the LLM trains: the bucket comes at the start of the backward pass
     assert got.total == weights + gradients + optimizer + buffers + got.activations + got.logits
+
+
+@pytest.mark.parametrize("reference, copy_bytes", [("copy", 500), ("adapters", 0)])
+def test_a_preference_stage_holds_its_reference_copy_and_two_rows_per_pair(reference, copy_bytes):
+    sft = estimate(SHAPES, PARAMS, TRAINED, stage(zero_stage=3), gpus=4)
+    spec = SimpleNamespace(reference=reference)
+    dpo = estimate(SHAPES, PARAMS, TRAINED, stage(zero_stage=3, objective="dpo", preference=spec), gpus=4)
+    assert dpo.reference == copy_bytes  # the weights again, partitioned as the policy's (P*b / 4)
+    assert (dpo.activations, dpo.logits) == (2 * sft.activations, 2 * sft.logits)  # chosen and rejected rows
+    assert dpo.total == sft.total + copy_bytes + sft.activations + sft.logits
 
 
 def test_fp32_zero0_keeps_no_master_copy():

@@ -136,30 +136,31 @@ def test_watchdog_and_collective_timeout_are_recipe_fields_checked_up_front(tmp_
     assert "stages.1.watchdog_s: Input should be a valid integer" in result.stderr
 
 
-DPO_RECIPE = REPO / "recipes" / "tiny" / "asagi-dpo.yaml"
+MPO_RECIPE = REPO / "recipes" / "tiny" / "asagi-mpo.yaml"
 
 
 @pytest.mark.parametrize("overrides, expected", [
     (["stages.1.data.0.task=preference"], "stages.1: data.0: task preference needs objective dpo or mpo"),
-    (["stages.2.data.0.task=vqa"], "stages.2: data.0: objective dpo trains on pairs; task vqa is not "
+    (["stages.2.data.0.task=vqa"], "stages.2: data.0: objective mpo trains on pairs; task vqa is not "
                                    "preference"),
-    (["stages.2.packing=true"], "stages.2: packing: a dpo stage runs one pair per row"),
+    (["stages.2.packing=true"], "stages.2: packing: a mpo stage runs one pair per row"),
     (["stages.2.preference.beta=0"], "stages.2.preference.beta: Input should be greater than 0"),
     (["stages.2.preference.loss=hinge", "stages.2.preference.label_smoothing=0.1"],
      "stages.2: preference.label_smoothing applies to loss sigmoid, not hinge"),
     (["stages.2.preference.reference=adapters"], "stages.2: preference.reference: adapters needs every "
                                                  "trained component to train through LoRA; projector, llm"),
-    (["stages.2.preference.mpo.quality=0.5"], "stages.2: preference.mpo is set but objective is dpo"),
+    (["stages.2.objective=dpo", "stages.2.preference.mpo.quality=0.5"],
+     "stages.2: preference.mpo is set but objective is dpo"),
     (["stages.1.preference.beta=0.2"], "stages.1: preference is set but objective is sft"),
     (["stages.2.objective=ppo"], "stages.2.objective: Input should be 'sft', 'dpo' or 'mpo'"),
 ])
 def test_a_preference_stage_is_checked_field_by_field(overrides, expected):
-    problems = problems_of(DPO_RECIPE.read_text(), overrides, check_files=False)
+    problems = problems_of(MPO_RECIPE.read_text(), overrides, check_files=False)
     assert any(p.startswith(expected) for p in problems), problems
 
 
 def test_a_preference_stage_gets_trls_defaults_and_round_trips():
-    recipe = load_recipe(DPO_RECIPE, ["stages.2.objective=mpo"], check_files=False)
+    recipe = load_recipe(MPO_RECIPE, ["stages.2.preference=null"], check_files=False)
     spec = recipe.stages[2].preference
     assert (spec.beta, spec.loss, spec.reference) == (0.1, "sigmoid", "copy")
     assert (spec.mpo.preference, spec.mpo.quality, spec.mpo.generation) == (0.8, 0.2, 1.0)  # InternVL's MPO

@@ -137,6 +137,11 @@ class ModelFamily(ABC):
         """The model inside a training module (generation, consolidated weights)."""
         raise NotImplementedError
 
+    def transformers_model(self, model: nn.Module) -> nn.Module | None:
+        """The model as a transformers class that other trainers (TRL's DPOTrainer) train as they are; None when
+        the family's model is kakehashi's own (train/trainer_baseline.py)."""
+        return None
+
     # -------------------------------------------------------------------------------------------- files
 
     @abstractmethod

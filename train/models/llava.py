@@ -193,6 +193,9 @@ class LlavaFamily(ModelFamily):
     def unwrap(self, training_module: nn.Module) -> LlavaForConditionalGeneration:
         return training_module.llava
 
+    def transformers_model(self, model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+        return model
+
     def init_fields(self, directory: Path, record: dict) -> dict:
         config = LlavaConfig.from_pretrained(directory)  # published llava-hf configs and our exports alike
         vision, text = config.vision_config, config.text_config
