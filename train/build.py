@@ -65,6 +65,24 @@ def build_stage(recipe: Recipe, index: int, processor, config, *, rank: int, wor
     return StageBuild(resolved, model, loader, reference)
 
 
+def check_init_weights(recipe: Recipe, config) -> None:
+    """RecipeError naming each model.init tensor whose shape the recipe's architecture does not hold (an Asagi
+    checkpoint's wider projector, a config edited by hand), from the safetensors headers and a model on the meta
+    device: `recipe check` and `train` refuse it before anything is built or loaded."""
+    if recipe.model.init is None:
+        return
+    from train.errors import RecipeError
+    from train.models.weights import shape_problems
+
+    family = family_for(recipe.model)
+    with torch.device("meta"):
+        model = family.build(recipe.model, config, load_weights=False)
+    problems = shape_problems(model, family.weights(recipe.model, config, model))
+    if problems:
+        raise RecipeError("recipe", [f"model.init: {problem}" for problem in problems[:5]]
+                          + ([f"model.init: ... and {len(problems) - 5} more"] if len(problems) > 5 else []))
+
+
 def build_stage_model(family: ModelFamily, spec, config, stage: Stage, world_size: int, previous: Path | None,
                       load: bool = True) -> nn.Module:
     """The stage's model: from `previous` (a stage directory) when given, else the recipe's weights (`load`) over

@@ -58,11 +58,13 @@ def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None
     (train/memory.py)."""
     import torch
 
+    from train.build import check_init_weights
     from train.models import family_for
     from train.run import model_config_offline
     from train.stages import describe_schedule, plan_stage
 
     family, config = family_for(recipe.model), model_config_offline(recipe)
+    check_init_weights(recipe, config)  # model.init's tensors fit what the recipe builds, or exit 2 naming them
     with torch.device("meta"):
         params = family.parameter_counts(family.build(recipe.model, config, load_weights=False))
     stages = []

@@ -89,9 +89,12 @@ def start_run(recipe: Recipe, run: RunDir, force: bool, resume: str, rank: int, 
             atomic_write_dir(run.processor, build_processor(recipe, run.cache).save_pretrained)
     distributed.barrier()
     processor = family.load_processor(run.processor)
+    config = model_config(recipe.model, processor.tokenizer)
+    from train.build import check_init_weights
+
+    check_init_weights(recipe, config)  # exit 2 naming the tensor, not a shape error in the middle of a build
     first, resume_from = run.resume_point(recipe, resume)
-    return RunSession(recipe=recipe, run=run, family=family, processor=processor,
-                      config=model_config(recipe.model, processor.tokenizer),
+    return RunSession(recipe=recipe, run=run, family=family, processor=processor, config=config,
                       metrics=MetricsLog(run.metrics) if rank == 0 else None, rank=rank, world_size=world_size,
                       first=first, resume_from=resume_from)
 

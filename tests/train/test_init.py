@@ -107,3 +107,24 @@ def test_a_checkpoint_of_an_unknown_layout_is_refused(tmp_path):
     done = kakehashi("recipe", "check", recipe, "--skip-data")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "model_type 'bert' is not a layout kakehashi reads (llava, sarashina2_vision)" in done.stderr
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_the_recipe_is_refused_by_check_and_train_naming_them(tmp_path):
+    """An Asagi-layout checkpoint (its projector twice the LLM's width, as the release's conversion scripts write
+    the 8B and 14B) under a recipe whose projector is the LLM's width: exit 2 naming each tensor and both shapes,
+    in `recipe check` and in `train`, before anything is built."""
+    from safetensors.torch import save_file
+
+    checkpoint, _ = write_checkpoint(tmp_path, "siglip")
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["multi_modal_projector.linear_1.weight"] = torch.zeros(256, 64)
+    weights["multi_modal_projector.linear_1.bias"] = torch.zeros(256)
+    weights["multi_modal_projector.linear_2.weight"] = torch.zeros(128, 256)
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    recipe = init_recipe(tmp_path, checkpoint, ["projector"])
+    for command in (("recipe", "check", recipe, "--skip-data"), ("train", recipe, "--output", tmp_path / "run")):
+        done = kakehashi(*command)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert ("model.init: model.multi_modal_projector.linear_1.bias: shape (256,) in the checkpoint, (128,) in the "
+                "model the recipe builds") in done.stderr
+        assert "model.multi_modal_projector.linear_2.weight: shape (128, 256) in the checkpoint" in done.stderr

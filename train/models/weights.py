@@ -139,5 +139,13 @@ def load_weights(model: nn.Module, weights: Iterable[Weight], *, strict: bool, g
     return count
 
 
+def shape_problems(model: nn.Module, weights: Iterable[Weight]) -> list[str]:
+    """Each weight whose shape is not the model's tensor of that name: 'NAME: shape (..) in the file, (..) in the
+    model'. Reads the shapes only (safetensors headers), never the data: `recipe check` runs it on the meta device."""
+    shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
+    return [f"{w.name}: shape {tuple(w.shape)} in the checkpoint, {shapes[w.name]} in the model the recipe builds"
+            for w in weights if w.name in shapes and tuple(w.shape) != shapes[w.name]]
+
+
 def parameter_size(param: nn.Parameter) -> int:
     return getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves an empty placeholder; ds_numel is the real size
