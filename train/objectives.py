@@ -147,8 +147,8 @@ def pair_loss(ctx, logps: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor,
     if weights is not None:
         quality = quality_losses(chosen, rejected, ref_chosen, ref_rejected, beta=spec.beta)
         total = total + weights.quality * quality.sum() / counts.pairs + weights.generation * generation
-    rewards_chosen, rewards_rejected = (spec.beta * (chosen - ref_chosen)).detach(), \
-        (spec.beta * (rejected - ref_rejected)).detach()
+    rewards_chosen = (spec.beta * (chosen - ref_chosen)).detach()  # TRL's implicit rewards
+    rewards_rejected = (spec.beta * (rejected - ref_rejected)).detach()
     figures = [tokens[:pairs].sum(), tokens[pairs:].sum(), rewards_chosen.sum(), rewards_rejected.sum(),
                (rewards_chosen > rewards_rejected).sum(), chosen.detach().sum(), rejected.detach().sum(),
                preference.detach().sum(), quality.detach().sum(), generation.detach() * counts.chosen_targets]
@@ -192,9 +192,9 @@ def preference_step(ctx, micro_batches: list[dict], step: int):
                       seconds=time.perf_counter() - started, lrs=lrs, extra=pair_metrics(ctx, values, totals))
 
 
-def pair_metrics(ctx, values: dict, counts: PairCounts) -> dict[str, float]:
+def pair_metrics(ctx, values: dict, totals: PairCounts) -> dict[str, float]:
     """The step's metrics under TRL's names, means over the step's pairs; MPO's terms apart."""
-    pairs = counts.pairs
+    pairs = totals.pairs
     metrics = {"rewards/chosen": values["rewards_chosen"] / pairs,
                "rewards/rejected": values["rewards_rejected"] / pairs,
                "rewards/accuracies": values["accuracies"] / pairs,
@@ -202,7 +202,7 @@ def pair_metrics(ctx, values: dict, counts: PairCounts) -> dict[str, float]:
                "logps/chosen": values["logps_chosen"] / pairs, "logps/rejected": values["logps_rejected"] / pairs}
     if ctx.stage.objective == "mpo":
         metrics.update({"loss/preference": values["preference"] / pairs, "loss/quality": values["quality"] / pairs,
-                        "loss/generation": values["generation"] / counts.chosen_targets})
+                        "loss/generation": values["generation"] / totals.chosen_targets})
     return metrics
 
 
