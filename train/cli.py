@@ -121,7 +121,9 @@ def format_preference(objective: str, spec: dict) -> str:
         text += (f"; weights preference {weights['preference']:g}, quality {weights['quality']:g}, "
                  f"generation {weights['generation']:g}")
     held = {"copy": "a frozen copy of the stage's starting weights",
-            "adapters": "the policy with its LoRA adapters off (no copy)"}[spec["reference"]]
+            "adapters": "the policy with its LoRA adapters off (no copy)",
+            "precomputed": "log-probabilities of the starting weights from a first pass over the stage's data "
+                           "(no copy)"}[spec["reference"]]
     return text + f"); reference: {held}"
 
 

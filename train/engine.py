@@ -101,9 +101,11 @@ class BatchStream:
 
 
 def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int, hooks: list,
-                resume_from: Path | None = None, reference_model=None) -> StageContext:
+                resume_from: Path | None = None, reference_model=None,
+                reference_logps: Path | None = None) -> StageContext:
     """Plan the stage, enable its fast paths, build the optimizer and the DeepSpeed engine (and a preference
-    stage's reference), and resume. `reference_model`: the frozen copy of a `reference: copy` stage."""
+    stage's reference), and resume. `reference_model`: the frozen copy of a `reference: copy` stage;
+    `reference_logps`: where a `reference: precomputed` stage keeps this rank's first-pass table."""
     import deepspeed
 
     resolved = resolve_stage(stage, world_size)
@@ -123,11 +125,12 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
                        image_token_id=model.config.image_token_index,
                        vision_length=family.vision_length(model.config), hooks=hooks,
                        source_names=stage.source_names(), source_weights=[s.loss_weight for s in stage.data])
-    if stage.objective != "sft":
-        from train.objectives import Reference, reference_copy
+    if stage.objective != "sft":  # before a resume loads a checkpoint: a first pass needs the starting weights
+        from train.objectives import Reference, precomputed_logps, reference_copy
 
         copy = None if reference_model is None else reference_copy(family, reference_model, resolved)
-        ctx.reference = Reference(engine, copy)
+        table = precomputed_logps(ctx, reference_logps) if stage.preference.reference == "precomputed" else None
+        ctx.reference = Reference(engine, stage.preference.reference, copy, table)
     if resume_from is not None:
         resume(ctx, resume_from)
     return ctx
@@ -237,7 +240,8 @@ class PerSource:
 
 
 def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int,
-                hooks: list | None = None, resume_from: Path | None = None, reference_model=None):
+                hooks: list | None = None, resume_from: Path | None = None, reference_model=None,
+                reference_logps: Path | None = None):
     """Train `model` for one stage. Returns (engine, summary); the engine holds the (possibly sharded) weights.
 
     `hooks`: train.hooks.stage_hooks(...) by default (a progress display and the non-finite guard only).
@@ -245,7 +249,7 @@ def train_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     totals = Totals()
     hooks = [totals, *(stage_hooks(stage, rank=rank) if hooks is None else hooks)]
     ctx = setup_stage(family, model, stage, loader, rank=rank, world_size=world_size, hooks=hooks,
-                      resume_from=resume_from, reference_model=reference_model)
+                      resume_from=resume_from, reference_model=reference_model, reference_logps=reference_logps)
     step_fn = train_step
     if stage.objective != "sft":
         from train.objectives import STEPS

@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -64,14 +67,20 @@ def quality_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: tor
 
 
 class Reference:
-    """The policy at the start of the stage, frozen: a second model (`copy`), or the policy itself with its LoRA
-    adapters switched off (`adapters`). `logps(inputs)` gives each row's summed target log-probability."""
+    """The policy at the start of the stage, frozen: a second model (`copy`), the policy itself with its LoRA
+    adapters switched off (`adapters`), or a table of its log-probabilities from a first pass (`precomputed`).
+    `logps(inputs, position)` gives each row's summed target log-probability of the rank's micro-batch `position`
+    (counted from the stage's start)."""
 
-    def __init__(self, engine, copy: nn.Module | None):
-        self.engine, self.copy = engine, copy
+    def __init__(self, engine, kind: str, copy: nn.Module | None = None, table: torch.Tensor | None = None):
+        if (kind == "copy") != (copy is not None) or (kind == "precomputed") != (table is not None):
+            raise RuntimeError(f"a {kind} reference needs {'its copy' if kind == 'copy' else 'its table'}")
+        self.engine, self.copy, self.table = engine, copy, table
 
     @torch.no_grad()
-    def logps(self, inputs: dict) -> torch.Tensor:
+    def logps(self, inputs: dict, position: int) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[position].to(inputs["input_ids"].device)
         if self.copy is not None:
             return self.copy(**inputs)[0].detach()
         with adapters_off(self.engine.module):
@@ -106,7 +115,41 @@ def reference_copy(family, model: nn.Module, resolved) -> nn.Module:
     config = resolved.deepspeed_config()
     config.pop("optimizer", None)
     engine, *_ = deepspeed.initialize(model=module, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module's
+    return engine
+
+
+def precomputed_logps(ctx, path: Path | None) -> torch.Tensor:
+    """[micro-batches of the stage on this rank, rows] reference log-probabilities: read from `path` when a first
+    pass wrote it, else computed by one: the policy (still the stage's starting weights: this runs before a resume
+    loads a checkpoint) in eval mode over every micro-batch the stage will train on, without gradients; then the
+    loader goes back to the stage's start. Every rank runs the same number of forwards (ZeRO-3 gathers collectively).
+    `path` None: kept in memory only (bench)."""
+    count = ctx.stage.steps * ctx.accumulation
+    if path is not None and path.is_file():
+        table = load_file(path)["logps"]
+        if table.shape[0] == count:
+            log.info("stage %s: reference log-probabilities read from %s", ctx.stage.name, path)
+            return table
+    start, module = ctx.batches.state_dict(), ctx.engine.module
+    module.eval()  # as a frozen copy runs
+    rows = []
+    with torch.no_grad():
+        for position in range(count):
+            watchdog.phase(f"reference pass: micro-batch {position + 1} of {count}")
+            inputs = model_inputs(next(ctx.batches), ctx.device, ctx.batches.image_mean, ctx.batches.image_std)
+            rows.append(ctx.engine(**inputs)[0].float().cpu())
+    module.train()
+    ctx.batches.load_state_dict(start)
+    table = torch.stack(rows)  # [micro-batches, 2 * pairs per micro-batch]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a pass killed while writing leaves no table
+        save_file({"logps": table}, tmp)
+        os.replace(tmp, path)
+        log.info("stage %s: reference log-probabilities of %d micro-batches written to %s", ctx.stage.name, count,
+                 path)
+    return table
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -168,7 +211,7 @@ def preference_step(ctx, micro_batches: list[dict], step: int):
     for micro, batch in enumerate(micro_batches):
         inputs = model_inputs(batch, ctx.device, ctx.batches.image_mean, ctx.batches.image_std)
         watchdog.phase(f"step {step}: reference forward of micro-batch {micro + 1}")
-        ref = ctx.reference.logps(inputs)
+        ref = ctx.reference.logps(inputs, (step - 1) * ctx.accumulation + micro)
         watchdog.phase(f"step {step}: forward of micro-batch {micro + 1}")
         logps, tokens = engine(**inputs)
         micro_loss, micro_figures = pair_loss(ctx, logps, tokens, ref, totals)

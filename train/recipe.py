@@ -340,8 +340,9 @@ class PreferenceSpec(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid only: conservative DPO's share of flipped labels
     # the reference policy (the stage's starting weights, frozen): `copy` holds a second model (partitioned as the
     # policy under ZeRO-3); `adapters` runs the policy with its LoRA adapters off (no copy; every trained component
-    # must train through adapters)
-    reference: Literal["copy", "adapters"] = "copy"
+    # must train through adapters); `precomputed` reads its log-probabilities from a first pass over the stage's
+    # data before training (no copy; stored in the run directory, reused on resume)
+    reference: Literal["copy", "adapters", "precomputed"] = "copy"
     mpo: MpoWeights = MpoWeights()
 
 

@@ -132,7 +132,9 @@ def train_and_write_stage(session: RunSession, index: int, done: Path) -> dict:
                         keep_last=recipe.checkpoint.keep_last)
     engine, summary = train_stage(family, model, stage, loader, rank=rank, world_size=session.world_size,
                                   hooks=hooks, resume_from=session.resume_from if index == session.first else None,
-                                  reference_model=built.reference)
+                                  reference_model=built.reference,
+                                  reference_logps=session.run.reference_logps(index, stage.name, rank,
+                                                                              session.world_size))
     watchdog.phase("consolidating the stage's weights")
     state, record = consolidated_state_dict(family, engine, rank), asdict(summary)
     full = None

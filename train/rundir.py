@@ -74,6 +74,10 @@ class RunDir:
     def checkpoints(self, index: int, name: str) -> Path:
         return self.root / "checkpoints" / self.stage(index, name).name
 
+    def reference_logps(self, index: int, name: str, rank: int, world_size: int) -> Path:
+        """A `reference: precomputed` stage's reference log-probabilities on one rank (train/objectives.py)."""
+        return self.checkpoints(index, name) / "reference-logps" / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
     def stored_recipe(self) -> dict:
         import yaml
 
