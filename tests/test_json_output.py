@@ -40,10 +40,50 @@ def trained(tmp_path_factory):
     return json.loads(done.stdout), tmp
 
 
+def converter_inputs(tmp) -> dict[str, list]:
+    """One small input of each converter's format, written once under tmp: its arguments before --out."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipelines.synthetic.testing import png_bytes
+
+    inputs = tmp / "convert-inputs"
+    if not inputs.is_dir():
+        inputs.mkdir()
+        (inputs / "a.png").write_bytes(png_bytes())
+        turns = [{"from": "human", "value": "<image>\n何色？"}, {"from": "gpt", "value": "赤色です。"}]
+        (inputs / "llava.json").write_text(json.dumps([{"id": "0", "image": "a.png", "conversations": turns}]))
+        (inputs / "captions.jsonl").write_text(json.dumps({"image": "a.png", "caption": "赤い円。"}) + "\n")
+        (inputs / "coco.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                                     "annotations": [{"image_id": 1, "caption": "赤い円。"}]}))
+        image = {"bytes": png_bytes(), "path": None}
+        datasets.Dataset.from_dict({"caption": ["赤い円。"], "image": [image]}, features=datasets.Features(
+            {"caption": datasets.Value("string"), "image": datasets.Image()})).save_to_disk(str(inputs / "hf"))
+        pq.write_table(pa.table({"id": ["d0"], "texts": [["円です。", None]], "images": [[None, "a.png"]]}),
+                       inputs / "obelics.parquet")
+        (inputs / "mmc4.jsonl").write_text(json.dumps({"text_list": ["円です。"], "image_info": [
+            {"image_name": "a.png", "matched_text_index": 0}]}) + "\n")
+        (inputs / "dpo.json").write_text(json.dumps([{"conversations": turns[:1], "images": ["a.png"],
+                                                      "chosen": {"from": "gpt", "value": "赤色の円です。"},
+                                                      "rejected": {"from": "gpt", "value": "青色です。"}}]))
+        pq.write_table(pa.table({"image": [image], "question": ["何色？"], "chosen": ["赤色です。"],
+                                 "rejected": ["青色です。"]}), inputs / "prefs.parquet")
+    images = ["--images", inputs]
+    return {"llava": ["--input", inputs / "llava.json", *images], "jsonl": ["--input", inputs / "captions.jsonl"],
+            "hf": ["--input", inputs / "hf"], "coco": ["--input", inputs / "coco.json", *images],
+            "obelics": ["--input", inputs / "obelics.parquet", *images],
+            "mmc4": ["--input", inputs / "mmc4.jsonl", *images],
+            "llamafactory-dpo": ["--input", inputs / "dpo.json", *images],
+            "preference-table": ["--input", inputs / "prefs.parquet"]}
+
+
 def command_lines(trained) -> dict[str, list]:
     _, tmp = trained
     shards = sorted(str(p) for p in (tmp / "shapes").glob("*.tar"))
-    return {
+    converters = {f"data convert {kind}": ["data", "convert", kind, *arguments, "--out", tmp / "converted" / kind]
+                  for kind, arguments in converter_inputs(tmp).items()}
+    return {**converters,
         "recipe check": ["recipe", "check", REPO / "recipes/tiny/asagi-lora.yaml", "--skip-data"],
         "bench train": ["bench", "train", REPO / "recipes/tiny/asagi-2stage.yaml", "--stage", "2", "--packing", "on",
                         "--steps", "1", "--warmup", "0", "--synthetic", "40"],
@@ -78,9 +118,12 @@ def test_train_json_is_the_run_result(trained):
     assert document["export"] == str(tmp / "run" / "export") and document["run"] == str(tmp / "run")
 
 
+CONVERTERS = ["llava", "jsonl", "hf", "coco", "obelics", "mmc4", "llamafactory-dpo", "preference-table"]
+
+
 @pytest.mark.parametrize("command", ["recipe check", "bench train", "bench data", "data verify", "data inspect",
                                      "data preview", "data synth-bench", "eval", "shapes-eval", "recipe check --gpus",
-                                     "bench train --baseline trainer"])
+                                     "bench train --baseline trainer", *(f"data convert {c}" for c in CONVERTERS)])
 def test_json_output_is_one_document_on_stdout(trained, command, tmp_path):
     env = {}
     if command == "bench train":  # a fresh extensions dir: DeepSpeed JIT-builds its CPU op, and the compiler talks
@@ -96,3 +139,5 @@ def test_json_output_is_one_document_on_stdout(trained, command, tmp_path):
         assert all("memory" in stage for stage in document["stages"]) and document["gpus"] == 8
     if command == "bench train --baseline trainer":
         assert document["baseline"]["unpacked"]["runner"] == "trainer" and document["runner"] == "ours"
+    if command.startswith("data convert"):  # every converter's one input record kept
+        assert document["kept"] == 1 and document["skipped"] == 0, document

@@ -14,8 +14,8 @@ from tests.conftest import REPO
 from tests.gpu import check
 
 # imported only for wandb logging, `data convert hf` and the benchmark scorers (train/benchmarks/metrics.py, imported
-# inside its functions): not on the GPU check's path
-OPTIONAL = {"wandb", "datasets", "rouge_score", "emoji", "fugashi", "liger_kernel"}
+# inside its functions), and trl by `bench train --baseline trainer` on a preference stage: not on the GPU check's path
+OPTIONAL = {"wandb", "datasets", "rouge_score", "emoji", "fugashi", "liger_kernel", "trl"}
 
 
 def normalized(name: str) -> str:
