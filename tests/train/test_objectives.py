@@ -3,6 +3,7 @@ and its gradients against TRL's own DPOTrainer on the same model and the same ba
 
 import copy
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -81,9 +82,23 @@ def tiny_llava(tmp_path_factory):
     return model, processor
 
 
+@pytest.fixture
+def trainer_state_undone():
+    """accelerate's state, made by the Trainer, undone afterwards: with a process group alive in this process (the
+    session's `world`), it writes RANK and the like into os.environ, and a `kakehashi` subprocess of a later test
+    that inherits RANK without MASTER_ADDR would take DeepSpeed's MPI discovery path and fail."""
+    before = dict(os.environ)
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.clear()
+    os.environ.update(before)
+
+
 @pytest.mark.parametrize("objective", ["dpo", "mpo"])
 def test_the_loss_and_its_gradients_equal_trls_dpo_trainer_on_the_same_model_and_batch(objective, tiny_llava,
-                                                                                      tmp_path):
+                                                                                      tmp_path, trainer_state_undone):
     """TRL's DPOTrainer (sigmoid; MPO as loss_type [sigmoid, bco_pair, sft] with InternVL's weights) on one batch of
     two pairs, against ours on the batch TRL collated: the rows TRL builds ([chosen..., rejected...]), the images
     once per pair (TRL repeats them), our forward with pair_images and our pair_loss. Loss and every gradient 1e-5."""
