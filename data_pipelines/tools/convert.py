@@ -276,13 +276,21 @@ def add_output_options(parser: argparse.ArgumentParser, kind: str) -> None:
                                                             '"skipped_by_reason", "shards"}')
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    source = Path(args.input)
+def checked_paths(args: argparse.Namespace, images: bool = False) -> tuple[Path, Path]:
+    """(input, out) of a converter, refused in one line: an input that does not exist, with `images` an --images
+    that is not a folder (when given), an out that already holds this name's shards (nothing written is replaced)."""
+    source, out = Path(args.input), Path(args.out)
     if not source.exists():
         raise UsageError(f"input {source} does not exist")
-    out = Path(args.out)
+    if images and getattr(args, "images", None) and not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images} is not a folder")
     if out.is_dir() and any(out.glob(f"{args.name}-*.tar")):
         raise UsageError(f"{out} already holds {args.name}-*.tar shards")
+    return source, out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    source, out = checked_paths(args)
     records, total = input_records(args, source)
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes), total)
     report_summary(summary, out, args.name, args.json)

@@ -20,6 +20,7 @@ from data_pipelines.tools.convert import (
     Record,
     Skip,
     add_output_options,
+    checked_paths,
     image_entry,
     report_summary,
     sample_key,
@@ -164,13 +165,7 @@ def register(kinds) -> None:
 
 
 def cmd_convert_documents(args: argparse.Namespace) -> int:
-    source, out = Path(args.input), Path(args.out)
-    if not source.exists():
-        raise UsageError(f"input {source} does not exist")
-    if not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images} is not a folder")
-    if out.is_dir() and any(out.glob(f"{args.name}-*.tar")):
-        raise UsageError(f"{out} already holds {args.name}-*.tar shards")
+    source, out = checked_paths(args, images=True)
     records = (obelics_records(table_rows(source), args) if args.convert_kind == "obelics"
                else mmc4_records(source, args))
     summary = write_shards(records, out, args.name, args.samples_per_shard, int(args.shard_bytes))

@@ -22,6 +22,7 @@ from data_pipelines.tools.convert import (
     Record,
     Skip,
     add_output_options,
+    checked_paths,
     image_entry,
     normalise_conversations,
     report_summary,
@@ -177,13 +178,7 @@ def register(kinds) -> None:
 
 
 def cmd_convert_preference(args: argparse.Namespace) -> int:
-    source, out = Path(args.input), Path(args.out)
-    if not source.exists():
-        raise UsageError(f"input {source} does not exist")
-    if out.is_dir() and any(out.glob(f"{args.name}-*.tar")):
-        raise UsageError(f"{out} already holds {args.name}-*.tar shards")
-    if getattr(args, "images", None) and not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images} is not a folder")
+    source, out = checked_paths(args, images=True)
     if args.convert_kind == "llamafactory-dpo":
         rows = read_json_list(source)
         images_dir = Path(args.images) if args.images else source.parent
