@@ -116,6 +116,19 @@ def _families() -> dict:
     return FAMILIES
 
 
+class Tiling(Strict):
+    """Dynamic tiling (LLaVA-OneVision's anyres): each image alone in its sample is read as a thumbnail plus the grid
+    of rows x cols tiles (min_tiles <= rows * cols <= max_tiles) that best keeps its resolution and aspect."""
+    max_tiles: int = Field(ge=1, le=36)
+    min_tiles: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Tiling:
+        if self.min_tiles > self.max_tiles:
+            raise ValueError(f"min_tiles {self.min_tiles} is over max_tiles {self.max_tiles}")
+        return self
+
+
 class VisionEncoder(ComponentSource):
     kind: str = "siglip"                               # a model family's kind (train/models): siglip, clip, qwen2_vl
     feature_layer: int = -1                            # hidden state fed to the projector (-2 as LLaVA-1.5)
@@ -124,6 +137,7 @@ class VisionEncoder(ComponentSource):
     # max_pixels, in multiples of patch_size * spatial_merge_size, so its token count varies with its size
     min_pixels: int | None = Field(None, gt=0)
     max_pixels: int | None = Field(None, gt=0)
+    tiling: Tiling | None = None                       # fixed-size towers: tiles + thumbnail per image (Tiling)
 
     @field_validator("kind")
     @classmethod
@@ -177,11 +191,15 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _fits_its_family(self) -> ModelSpec:
-        families = _families()
-        family, projector = families[self.vision_encoder.kind], self.projector.kind
-        problems = []
+        from train.models import TILED_FAMILIES, family_for
+
+        families, kind, projector = _families(), self.vision_encoder.kind, self.projector.kind
+        if self.vision_encoder.tiling is not None and kind not in TILED_FAMILIES:
+            raise ValueError(f"vision_encoder.tiling: kind {kind} does not tile "
+                             f"(tiling takes {' / '.join(TILED_FAMILIES)})")
+        family, problems = family_for(self), []
         if projector not in family.projector_kinds:
-            fits = [kind for kind, f in families.items() if projector in f.projector_kinds]
+            fits = [k for k, f in families.items() if projector in f.projector_kinds]
             problems.append(f"projector.kind {projector} does not fit vision_encoder.kind {self.vision_encoder.kind}: "
                             f"{self.vision_encoder.kind} takes {' / '.join(family.projector_kinds)}"
                             + (f"; {projector} goes with {' / '.join(fits)}" if fits else ""))

@@ -236,11 +236,12 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
         if other is None or other.num_images != encoded.num_images:  # a cut must leave both rows the same images
             raise BadSample("too_long", f"the pair's answers do not both fit in {config.max_length} tokens")
         rejected = (other.input_ids, other.labels)
-    if config.patchify is not None:
-        kept = int(grid[: encoded.num_images].prod(-1).sum()) if encoded.num_images else 0
+    if config.patchify is not None:  # pixel rows per image vary: keep those of the images the text kept
+        kept = sum(config.patchify.rows(grid)[: encoded.num_images]) if encoded.num_images else 0
+        layout = {config.patchify.layout_key: grid[: encoded.num_images] if kept else None}
         return Example(key=raw.key, source=config.names[source], source_id=source, input_ids=encoded.input_ids,
-                       labels=encoded.labels, pixel_values=patches[:kept] if kept else None,
-                       image_grid_thw=grid[: encoded.num_images] if kept else None, rejected=rejected)
+                       labels=encoded.labels, pixel_values=patches[:kept] if kept else None, rejected=rejected,
+                       **layout)
     images = raw.images[: encoded.num_images]  # truncation (or max_images_per_sample) drops whole trailing images
     pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from data_pipelines.image.images import normalize
-from data_pipelines.render.example import Example
+from data_pipelines.render.example import Example, layouts
 from data_pipelines.render.tokenize import IGNORE_INDEX
 
 
@@ -37,14 +37,13 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
                                   if example.token_sources is not None else example.source_id)
     images = [example.pixel_values for example in examples if example.pixel_values is not None]
     pixel_values = torch.cat(images) if images else None  # [N_images, 3, H, W], dtype kept (uint8 from workers)
-    grids = [example.image_grid_thw for example in examples if example.image_grid_thw is not None]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "label_sources": label_sources,
         "pixel_values": pixel_values,
-        "image_grid_thw": torch.cat(grids) if grids else None,  # [N_images, 3] with flattened patches, else None
+        **layouts(examples),  # image_grid_thw [N_images, 3] with flattened patches, image_tiles [N_images, 3] tiled
         "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "num_samples": len(examples),
         "sample_lengths": [len(example.input_ids) for example in examples],
@@ -64,14 +63,13 @@ def collate_pairs(examples: list[Example], pad_token_id: int) -> dict:
                                  labels=e.rejected[1], pixel_values=None) for e in examples)]
     batch = collate(rows, pad_token_id)
     images = [example.pixel_values for example in examples if example.pixel_values is not None]
-    grids = [example.image_grid_thw for example in examples if example.image_grid_thw is not None]
-    batch.update(pixel_values=torch.cat(images) if images else None, image_grid_thw=torch.cat(grids) if grids else None,
+    batch.update(pixel_values=torch.cat(images) if images else None, **layouts(examples),
                  num_pairs=len(examples), num_samples=len(examples), pair_images=True)
     return batch
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "pixel_values", "image_grid_thw",
-                "pair_images")
+                "image_tiles", "pair_images")
 
 
 def model_inputs(batch: dict, device, image_mean=None, image_std=None) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from data_pipelines.batch.collate import collate
-from data_pipelines.render.example import Example
+from data_pipelines.render.example import Example, layouts
 from data_pipelines.render.tokenize import IGNORE_INDEX
 
 
@@ -55,15 +55,13 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> dict:
 
 
 def _concatenated(row: list[Example]) -> Example:
-    input_ids, labels, images, grids, sources = [], [], [], [], []
+    input_ids, labels, images, sources = [], [], [], []
     for example in row:
         sources += example.token_sources or [example.source_id] * len(example.input_ids)
         input_ids += example.input_ids
         labels += [IGNORE_INDEX] + example.labels[1:]
         if example.pixel_values is not None:
             images.append(example.pixel_values)
-        if example.image_grid_thw is not None:  # dynamic resolution: grids in the order of the patches
-            grids.append(example.image_grid_thw)
     return Example(key=row[0].key, source=row[0].source, input_ids=input_ids, labels=labels,
-                   pixel_values=torch.cat(images) if images else None,
-                   image_grid_thw=torch.cat(grids) if grids else None, token_sources=sources)
+                   pixel_values=torch.cat(images) if images else None, token_sources=sources,
+                   **layouts(row))  # dynamic resolution's grids, tiling's tiles: in the order of the pixels

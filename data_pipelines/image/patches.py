@@ -12,6 +12,8 @@ from PIL import Image
 
 
 class DynamicResolutionPatches:
+    layout_key = "image_grid_thw"  # the batch key (and Example field) the layout travels under
+
     def __init__(self, image_processor):
         self.image_processor = image_processor  # Qwen2VLImageProcessor(Pil)
         self.merge_size = image_processor.merge_size
@@ -20,6 +22,10 @@ class DynamicResolutionPatches:
         """-> pixel_values [N_patches, 3 * temporal_patch * patch**2] float (normalised), image_grid_thw [N, 3]."""
         out = self.image_processor(images=images, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
+
+    def rows(self, image_grid_thw: torch.Tensor) -> list[int]:
+        """pixel_values rows (flattened patches) per image."""
+        return image_grid_thw.prod(-1).tolist()
 
     def tokens(self, image_grid_thw: torch.Tensor) -> list[int]:
         """Image tokens per image after the merger's merge x merge pooling."""

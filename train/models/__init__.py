@@ -12,16 +12,20 @@ from pathlib import Path
 from train.errors import UsageError
 from train.models.base import ModelFamily
 from train.models.llava import LLAVA
+from train.models.onevision import ONEVISION
 from train.models.qwen2vl import QWEN2VL
 from train.models.tokenizers import IMAGE_TOKEN, token_of
 from train.models.weights import checkpoint_dir
 
 FAMILIES: dict[str, ModelFamily] = {"siglip": LLAVA, "clip": LLAVA, "qwen2_vl": QWEN2VL}
+TILED_FAMILIES: dict[str, ModelFamily] = {"siglip": ONEVISION}  # the same kinds with vision_encoder.tiling
 
 
 def family_for(spec) -> ModelFamily:
-    """The family of a recipe's model section (its vision_encoder.kind; the recipe has checked it is known)."""
-    return FAMILIES[spec.vision_encoder.kind]
+    """The family of a recipe's model section: its vision_encoder.kind's, tiled or not (the recipe has checked
+    that the kind is known and, with tiling, that a tiled family holds it)."""
+    registry = TILED_FAMILIES if spec.vision_encoder.tiling is not None else FAMILIES
+    return registry[spec.vision_encoder.kind]
 
 
 def model_config(spec, tokenizer):
@@ -34,7 +38,7 @@ def model_config(spec, tokenizer):
 def family_of_record(record: dict, where: str) -> ModelFamily:
     """The family that reads a checkpoint whose config.json is `record` (by its model_type)."""
     model_type = record.get("model_type")
-    families = list(dict.fromkeys(FAMILIES.values()))
+    families = list(dict.fromkeys([*FAMILIES.values(), *TILED_FAMILIES.values()]))
     for family in families:
         if model_type in family.export_model_types:
             return family

@@ -86,6 +86,8 @@ class LlavaFamily(ModelFamily):
     projector_kinds = ("mlp2x_gelu",)
     export_model_types = ("llava",)
     vision_depth_field = "num_hidden_layers"  # SigLIP / CLIP blocks
+    model_class, config_class = LlavaForConditionalGeneration, LlavaConfig  # the transformers classes it holds
+    published_layout = PUBLISHED_LAYOUT
 
     def validate(self, spec) -> list[str]:
         problems = []
@@ -109,7 +111,7 @@ class LlavaFamily(ModelFamily):
         )
 
     def build(self, spec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
-        model = LlavaForConditionalGeneration(config)
+        model = self.model_class(config)
         set_attn_implementation(model, spec)
         set_loss(model, spec)
         if load_weights:
@@ -119,10 +121,10 @@ class LlavaFamily(ModelFamily):
     def weights(self, spec, config: LlavaConfig, model: LlavaForConditionalGeneration | None = None) -> list[Weight]:
         if spec.init is not None:
             log.info("weights from model.init %s", spec.init.path)
-            return init_weights(spec, config)
+            return init_weights(spec, config, self.published_layout)
         if model is None:  # the names and shapes that `path` components fill (nothing is allocated on meta)
             with torch.device("meta"):
-                model = LlavaForConditionalGeneration(config)
+                model = self.model_class(config)
         shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
         weights = []
         if spec.vision_encoder.path is not None:
@@ -207,7 +209,7 @@ class LlavaFamily(ModelFamily):
     def load_stage(self, directory: Path) -> LlavaForConditionalGeneration:
         from safetensors.torch import load_file
 
-        model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(directory))
+        model = self.model_class(self.config_class.from_pretrained(directory))
         model.load_state_dict(load_file(Path(directory) / "model.safetensors"))
         return model
 
@@ -242,13 +244,13 @@ def own(shapes: dict, prefix: str) -> list[str]:
     return [name.removeprefix(prefix) for name in shapes if name.startswith(prefix)]
 
 
-def init_weights(spec, config: LlavaConfig) -> list[Weight]:
+def init_weights(spec, config: LlavaConfig, layout=PUBLISHED_LAYOUT) -> list[Weight]:
     """model.init's tensors under transformers 5's in-memory names (the llava-hf layout mapped back, as
     from_pretrained maps it), its vocabulary grown to `config`'s when kakehashi added tokens to its tokenizer."""
     rows = config.text_config.vocab_size
     weights = []
     for weight in weight_files.directory_weights(checkpoint_dir(spec.init)):
-        name = in_memory_name(weight.name)
+        name = in_memory_name(weight.name, layout)
         weight = weight_files.Weight(name, weight.shape, weight.read)
         weights.append(weight_files.grown_rows(weight, rows) if name in VOCABULARY_ROWS else weight)
     return weights
@@ -257,9 +259,9 @@ def init_weights(spec, config: LlavaConfig) -> list[Weight]:
 VOCABULARY_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
-def in_memory_name(name: str) -> str:
+def in_memory_name(name: str, layout=PUBLISHED_LAYOUT) -> str:
     """A published llava-hf name -> transformers 5's in-memory name (names already in-memory are kept)."""
-    for ours, published in PUBLISHED_LAYOUT:
+    for ours, published in layout:
         if name.startswith(published):
             return ours + name[len(published):]
     return name
