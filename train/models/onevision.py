@@ -1,5 +1,6 @@
-"""The tiled LLaVA family: a SigLIP tower reading each image as a thumbnail plus a grid of tiles (`vision_encoder.tiling`),
-LLaVA's 2-layer MLP and a causal LM, held as transformers' own LlavaOnevisionForConditionalGeneration.
+"""The tiled LLaVA family: a SigLIP tower reading each image as a thumbnail plus a grid of tiles
+(`vision_encoder.tiling`), LLaVA's 2-layer MLP and a causal LM, held as transformers' own
+LlavaOnevisionForConditionalGeneration.
 
 LLaVA-OneVision's layout is the one that holds "fixed-resolution SigLIP + dynamic tiling + MLP + any LLM" without
 remote code, and vLLM serves it (LlavaOnevisionForConditionalGeneration, its LLM from vLLM's own registry). The tiles
