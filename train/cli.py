@@ -196,7 +196,7 @@ def cmd_chat(args) -> int:
 def cmd_shapes_eval(args) -> int:
     from train.shapes_eval import shapes_accuracy
 
-    reports = [{"model": model, **shapes_accuracy(model, samples=args.samples, seed=args.seed)}
+    reports = [{"model": model, **shapes_accuracy(model, samples=args.samples, seed=args.seed, detail=args.detail)}
                for model in args.model]
     if args.json:
         result_json(reports[0] if len(reports) == 1 else reports)
@@ -335,6 +335,8 @@ def _register_exports(commands) -> None:
     shapes.add_argument("model", nargs="+", help="one export or several (each scored on the same shapes)")
     shapes.add_argument("--samples", type=int, default=100)
     shapes.add_argument("--seed", type=int, default=12345, help="drawing seed (training data uses others)")
+    shapes.add_argument("--detail", action="store_true",
+                        help="small shapes on wide, tall or large canvases (what tiling is for)")
     shapes.add_argument("--json", action="store_true")
     shapes.set_defaults(func=cmd_shapes_eval)
 

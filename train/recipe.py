@@ -518,6 +518,7 @@ class Synthesize(Strict):
     image_size: int = Field(64, gt=0)
     documents: int = Field(0, ge=0)                    # interleaved documents (docs-*.tar; task interleaved)
     preferences: int = Field(0, ge=0)                  # preference pairs (prefs-*.tar; task preference)
+    details: int = Field(0, ge=0)                      # VQA on small shapes on wide/tall canvases (detail-*.tar; vqa)
 
 
 class Checkpointing(Strict):

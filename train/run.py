@@ -197,7 +197,8 @@ def synthesize_missing_data(recipe: Recipe) -> None:
     log.info("synthesizing %d caption + %d VQA samples (+ %d documents, %d preference pairs) into %s", spec.samples,
              spec.samples, spec.documents, spec.preferences, spec.out)
     synthesize(Path(spec.out), samples=spec.samples, seed=spec.seed, image_size=spec.image_size,
-               documents=spec.documents, preferences=spec.preferences)
+               documents=spec.documents, preferences=spec.preferences,
+               details=spec.details)
 
 
 def build_processor(recipe: Recipe, cache_dir: Path, stand_in: bool = False):

@@ -47,16 +47,7 @@ def draw_shape(rng: random.Random, shape: str, colour: str, image_size: int = 64
     image = Image.new("RGB", (image_size, image_size), background)
     size = round(image_size * rng.uniform(0.35, 0.8))
     left, top = rng.randint(0, image_size - size), rng.randint(0, image_size - size)
-    box = (left, top, left + size - 1, top + size - 1)
-    draw = ImageDraw.Draw(image)
-    if shape == "円":
-        draw.ellipse(box, fill=fill)
-    elif shape == "四角形":
-        draw.rectangle(box, fill=fill)
-    elif shape == "三角形":
-        draw.polygon([(left + size / 2, top), (box[2], box[3]), (left, box[3])], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    paint(ImageDraw.Draw(image), shape, left, top, size, fill)
     return image
 
 
@@ -66,14 +57,48 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def paint(draw: ImageDraw.ImageDraw, shape: str, left: int, top: int, size: int, fill: tuple) -> None:
+    box = (left, top, left + size - 1, top + size - 1)
+    if shape == "円":
+        draw.ellipse(box, fill=fill)
+    elif shape == "四角形":
+        draw.rectangle(box, fill=fill)
+    elif shape == "三角形":
+        draw.polygon([(left + size / 2, top), (box[2], box[3]), (left, box[3])], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+
+
 def caption_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[str, bytes]]]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     caption = rng.choice(CAPTION_PATTERNS).format(c=colour, s=shape)
     return {"caption": caption, "source": SOURCE}, [("png", png_bytes(draw_shape(rng, shape, colour, image_size)))]
 
 
-def vqa_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[str, bytes]]]:
-    """Colour question, shape question, both in two turns, or (about 10%) a text-only question."""
+# The detail set: a small shape on a canvas of 1 to 4 tiles of 32 px, as wide as 4:1 or as tall as 1:4. Squashed to one
+# 32 px view the shape is 2-3 px across along the long side; a tiled view keeps it whole (the tiny tiled recipe).
+DETAIL_CANVASES = ((32, 32), (64, 32), (32, 64), (64, 64), (96, 32), (32, 96), (128, 32), (32, 128))
+DETAIL_SHAPE_PX = (7, 11)
+
+
+def draw_detail(rng: random.Random, shape: str, colour: str) -> Image.Image:
+    """One small shape (DETAIL_SHAPE_PX across) anywhere on a light canvas drawn from DETAIL_CANVASES."""
+    width, height = rng.choice(DETAIL_CANVASES)
+    image = Image.new("RGB", (width, height), tuple(rng.randint(215, 255) for _ in range(3)))
+    fill = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[colour])
+    size = rng.randint(*DETAIL_SHAPE_PX)
+    paint(ImageDraw.Draw(image), shape, rng.randint(0, width - size), rng.randint(0, height - size), size, fill)
+    return image
+
+
+def detail_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[str, bytes]]]:
+    """The VQA questions (vqa_sample) about a small shape on a wide, tall or large canvas (`image_size` unused)."""
+    return vqa_sample(rng, image_size, draw=lambda shape, colour: draw_detail(rng, shape, colour))
+
+
+def vqa_sample(rng: random.Random, image_size: int, draw=None) -> tuple[dict, list[tuple[str, bytes]]]:
+    """Colour question, shape question, both in two turns, or (about 10%) a text-only question. `draw(shape,
+    colour)` draws the image (default: draw_shape at image_size)."""
     kind = rng.random()
     if kind < 0.1:
         question, answer = rng.choice(TEXT_ONLY_QA)
@@ -87,7 +112,7 @@ def vqa_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tuple[st
     else:
         pairs = [colour_qa, shape_qa] if rng.random() < 0.5 else [shape_qa, colour_qa]
     pairs[0] = (f"<image>\n{pairs[0][0]}", pairs[0][1])
-    image = draw_shape(rng, shape, colour, image_size)
+    image = draw(shape, colour) if draw else draw_shape(rng, shape, colour, image_size)
     return {"conversations": _turns(pairs), "source": SOURCE}, [("png", png_bytes(image))]
 
 
@@ -124,10 +149,12 @@ def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_per_shard: int = 500,
-               image_size: int = 64, documents: int = 0, preferences: int = 0) -> dict[str, list[str]]:
+               image_size: int = 64, documents: int = 0, preferences: int = 0,
+               details: int = 0) -> dict[str, list[str]]:
     """Write `samples` caption and `samples` VQA samples as captions-NNNNNN.tar / vqa-NNNNNN.tar plus index.json,
-    `documents` interleaved documents as docs-NNNNNN.tar and `preferences` preference pairs as prefs-NNNNNN.tar
-    (none of either by default: the set stays what it was).
+    `documents` interleaved documents as docs-NNNNNN.tar, `preferences` preference pairs as prefs-NNNNNN.tar and
+    `details` VQA samples on small shapes (draw_detail) as detail-NNNNNN.tar (none of these by default: the set
+    stays what it was).
 
     Byte-identical for the same arguments. index.json is written last, so its presence means the set is complete.
     """
@@ -138,27 +165,33 @@ def synthesize(out_dir: str | Path, samples: int = 2000, seed: int = 0, samples_
     kinds = [("caption", "captions", caption_sample, samples), ("vqa", "vqa", vqa_sample, samples)]
     kinds += [("interleaved", "docs", document_sample, documents)] if documents else []
     kinds += [("preference", "prefs", preference_sample, preferences)] if preferences else []
-    counts = {task: count for task, _, _, count in kinds}
+    kinds += [("vqa", "detail", detail_sample, details)] if details else []
     for task, prefix, make, count in kinds:
-        rng = random.Random(f"kakehashi-synth:{seed}:{task}")  # str seeds are hashed stably across processes
+        name = _kind_name(task, prefix)
+        rng = random.Random(f"kakehashi-synth:{seed}:{name}")  # str seeds are hashed stably across processes
         with ShardWriter(out, prefix, samples_per_shard) as writer:
             for n in range(count):
                 meta, images = make(rng, image_size)
                 writer.write(f"{prefix}{n:06d}", meta, images)
-        written[task] = writer.paths
+        written[name] = writer.paths
         _remove_stale_shards(out, prefix, keep=len(writer.paths))
     index = {
         "source": SOURCE, "seed": seed, "image_size": image_size,
         "shards": [
-            {"task": task, "path": Path(path).name,
-             "samples": min(samples_per_shard, counts[task] - i * samples_per_shard)}
-            for task, paths in written.items() for i, path in enumerate(paths)
+            {"task": task, "path": Path(path).name, "samples": min(samples_per_shard, count - i * samples_per_shard)}
+            for task, prefix, _, count in kinds for i, path in enumerate(written[_kind_name(task, prefix)])
         ],
     }
     tmp = out / f".index.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(index, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / "index.json")
     return written
+
+
+def _kind_name(task: str, prefix: str) -> str:
+    """A kind's key in synthesize's result and its seed: its task, but "detail" for the small shapes (a vqa set of its
+    own), so the older kinds keep their seeds and stay byte-identical."""
+    return "detail" if prefix == "detail" else task
 
 
 def _remove_stale_shards(out: Path, prefix: str, keep: int) -> None:

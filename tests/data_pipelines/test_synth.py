@@ -113,3 +113,21 @@ def test_load_or_build_reuses_the_saved_copy(tmp_path):
     assert (cache / "tokenizer.json").stat().st_mtime_ns == saved
     assert second.get_vocab() == first.get_vocab() and second.eos_token == "</s>"
     assert not [p for p in tmp_path.iterdir() if p.name != "tiny"]  # no temp folder left behind
+
+
+def test_the_detail_set_is_small_shapes_on_tile_sized_canvases_and_leaves_the_other_kinds_as_they_were(tmp_path):
+    from data_pipelines.synthetic.synth import DETAIL_CANVASES, DETAIL_SHAPE_PX
+
+    plain = synthesize(tmp_path / "plain", samples=10, seed=1, samples_per_shard=10, image_size=32)
+    with_detail = synthesize(tmp_path / "detail", samples=10, seed=1, samples_per_shard=10, image_size=32, details=12)
+    for kind in plain:  # the older kinds keep their seeds: byte-identical with or without the detail set
+        assert [open(p, "rb").read() for p in plain[kind]] == [open(p, "rb").read() for p in with_detail[kind]]
+    index = json.loads((tmp_path / "detail" / "index.json").read_text())
+    assert {s["path"]: s["task"] for s in index["shards"]}["detail-000001.tar"] == "vqa"
+    samples = samples_of(with_detail["detail"])
+    images = [decode_image(data) for sample in samples for data in sample.images]
+    assert len(samples) == 12 and images and all(image.size in DETAIL_CANVASES for image in images)
+    for image in images:  # the shape covers at most DETAIL_SHAPE_PX across, whatever the canvas
+        rgb = np.asarray(image).astype(int)
+        rows, cols = np.nonzero((rgb.max(axis=2) - rgb.min(axis=2)) > 60)
+        assert rows.max() - rows.min() < DETAIL_SHAPE_PX[1] and cols.max() - cols.min() < DETAIL_SHAPE_PX[1]
