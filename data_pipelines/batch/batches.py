@@ -171,7 +171,8 @@ class WorkerBatches:
             stream = SourceStream(plan, slot, config.shuffle_buffer, StreamState(**wanted[0][1]["stream"]))
             for index, p in wanted:
                 while asdict(stream.state()) != p["stream"]:
-                    if stream.units_read > plan.units_per_epoch * 2 + int(p["stream"]["unit"]):
+                    # units_read runs a block ahead (a block of a small source spans many units), as in next_example
+                    if stream.units_read > plan.units_per_epoch * 2 + stream.block_size + int(p["stream"]["unit"]):
                         raise RuntimeError(f"loader state: a buffered sample of source {config.names[source]!r} "
                                            "was not found again; are the shards the ones the state was saved with?")
                     next(stream)
