@@ -1,5 +1,7 @@
 """`kakehashi bench data`: samples/s of the full loader path (tar read, decode, resize, tokenize, collate) against
-the plain path (tar read, PIL decode, transformers' SiglipImageProcessor), both measured in this run.
+the plain path (tar read, PIL decode, transformers' SiglipImageProcessor), both measured in this run. With
+`--tiles N` both paths tile (a thumbnail + up to N tiles per image): the loader's workers (data_pipelines/image/
+tiles.py) against transformers' LlavaOnevisionImageProcessor, the processor the tiled export ships.
 
 `--synth DIR` first writes photo-like 640x480 JPEGs (gradients, blurred shapes, sensor-like noise; quality 90) as
 caption shards, so the bench runs offline. With `--workers 0` the process is pinned to one CPU core and torch to
@@ -56,15 +58,23 @@ def write_photo_shards(out: str | Path, samples: int = 400, seed: int = 0, sampl
     return writer.paths
 
 
+PATCH = 14  # SigLIP so400m-patch14's patch: the image tokens each path's text gets
+
+
 def loader_samples_per_s(shards: list[str], image_size: int, workers: int, samples: int, tokenizer,
-                         micro_batch_size: int = 8) -> float:
+                         micro_batch_size: int = 8, tiles: int = 0) -> float:
     from data_pipelines.batch.loader import MixtureLoader, SourceSpec
+    from data_pipelines.image.tiles import AnyResTiles, grid_pinpoints
 
     first = next(iter_raw_samples(shards[0]))
     task = "vqa" if first.meta and "conversations" in first.meta else "caption"
-    loader = MixtureLoader([SourceSpec(shards, 1.0, task, "bench")], tokenizer=tokenizer, image_size=image_size,
-                           template="asagi", tokens_per_image=(image_size // 14) ** 2, max_length=4096,
-                           micro_batch_size=micro_batch_size, seed=0, num_workers=workers, bad_sample_limit=1.0)
+    images = {"image_size": image_size, "tokens_per_image": (image_size // PATCH) ** 2}
+    if tiles:
+        images = {"tokens_per_image": None, "patchify": AnyResTiles(
+            image_size, PATCH, grid_pinpoints(image_size, 1, tiles), tiles, pad_colour=(127, 127, 127))}
+    loader = MixtureLoader([SourceSpec(shards, 1.0, task, "bench")], tokenizer=tokenizer, template="asagi",
+                           max_length=16384, micro_batch_size=micro_batch_size, seed=0, num_workers=workers,
+                           bad_sample_limit=1.0, **images)
     next(loader)  # start-up (worker processes, first shard open) is not throughput
     batches = max(samples // micro_batch_size, 1)
     start = time.perf_counter()
@@ -75,14 +85,19 @@ def loader_samples_per_s(shards: list[str], image_size: int, workers: int, sampl
     return batches * micro_batch_size / seconds
 
 
-def baseline_samples_per_s(shards: list[str], image_size: int, samples: int) -> float:
-    """Tar read + PIL decode + SiglipImageProcessor at image_size (what a plain HF pipeline does)."""
-    try:  # without torchvision SiglipImageProcessor is this class anyway (and says so on every construction)
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
-    except ImportError:
-        from transformers import SiglipImageProcessor
+def baseline_samples_per_s(shards: list[str], image_size: int, samples: int, tiles: int = 0) -> float:
+    """Tar read + PIL decode + SiglipImageProcessor at image_size (what a plain HF pipeline does); with `tiles`,
+    LlavaOnevisionImageProcessor on the same grids."""
+    import transformers
 
-    processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    from data_pipelines.image.tiles import grid_pinpoints
+
+    name = "LlavaOnevisionImageProcessor" if tiles else "SiglipImageProcessor"
+    # without torchvision transformers builds the PIL twin anyway (and says so on every construction)
+    processor_class = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+    size = {"height": image_size, "width": image_size}
+    processor = processor_class(size=size, image_grid_pinpoints=grid_pinpoints(image_size, 1, tiles),
+                                image_mean=[0.5] * 3, image_std=[0.5] * 3) if tiles else processor_class(size=size)
     done, start = 0, time.perf_counter()
     while done < samples:
         for shard in shards:
@@ -107,6 +122,8 @@ def register(bench_subparsers) -> None:
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes (0: one core, in-process)")
     parser.add_argument("--samples", type=int, default=400, help="samples to time for each path")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both paths (medians reported)")
+    parser.add_argument("--tiles", type=int, default=0,
+                        help="tile each image into a thumbnail + up to N tiles (against LlavaOnevisionImageProcessor)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=cmd_bench_data)
 
@@ -133,18 +150,21 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     # alternate the two paths and take medians, so a neighbour's load on the machine hits both alike
     fast_runs, baseline_runs = [], []
     for _ in range(args.rounds):
-        fast_runs.append(loader_samples_per_s(shards, args.image_size, args.workers, args.samples, tokenizer))
-        baseline_runs.append(baseline_samples_per_s(shards, args.image_size, args.samples))
+        fast_runs.append(loader_samples_per_s(shards, args.image_size, args.workers, args.samples, tokenizer,
+                                              tiles=args.tiles))
+        baseline_runs.append(baseline_samples_per_s(shards, args.image_size, args.samples, tiles=args.tiles))
     fast, baseline = statistics.median(fast_runs), statistics.median(baseline_runs)
     report = {"samples_per_s": round(fast, 1), "baseline_samples_per_s": round(baseline, 1),
               "ratio": round(fast / baseline, 2),
               "round_ratios": [round(f / b, 2) for f, b in zip(fast_runs, baseline_runs)],
-              "image_size": args.image_size, "workers": args.workers, "cores": cores, "samples": args.samples,
+              "image_size": args.image_size, "tiles": args.tiles, "workers": args.workers, "cores": cores,
+              "samples": args.samples,
               "shards": len(shards)}
     if args.json:
         result_json(report)
     else:
         result(f"loader: {report['samples_per_s']} samples/s ({args.workers} workers, {cores} core(s)); "
-              f"PIL + SiglipImageProcessor: {report['baseline_samples_per_s']} samples/s; "
+              f"PIL + {'LlavaOnevision' if args.tiles else 'Siglip'}ImageProcessor: "
+              f"{report['baseline_samples_per_s']} samples/s; "
               f"ratio {report['ratio']}x", file=sys.stdout)
     return 0

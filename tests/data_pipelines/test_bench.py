@@ -29,6 +29,14 @@ def test_bench_data_measures_both_paths_on_synthetic_photos(tmp_path, capsys):
     assert (tmp_path / "index.json").is_file()
 
 
+def test_bench_data_tiles_both_paths(tmp_path, capsys):
+    """--tiles: the loader tiles in its workers, the baseline is LlavaOnevisionImageProcessor on the same grids."""
+    assert run_bench(["data", "--synth", str(tmp_path), "--synth-samples", "8", "--samples", "8",
+                      "--image-size", "64", "--workers", "1", "--tiles", "4", "--rounds", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tiles"] == 4 and report["samples_per_s"] > 0 and report["baseline_samples_per_s"] > 0
+
+
 def test_bench_data_json_is_the_only_stdout_of_the_cli_even_when_the_loader_skips_samples(tmp_path, make_png):
     """The kakehashi CLI logs to stdout; with --json the loader's 'skipping bad sample' lines go to stderr."""
     with ShardWriter(tmp_path, "mixed", 10) as writer:
