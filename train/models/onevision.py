@@ -225,7 +225,9 @@ class OnevisionProcessor:
         from transformers import AutoTokenizer
 
         record = json.loads(Path(directory, "processor_config.json").read_text())
-        image = {k: v for k, v in record["image_processor"].items() if k != "image_processor_type"}
+        # transformers 5 nests the image processor's settings here; older checkpoints keep preprocessor_config.json
+        image = record.get("image_processor") or json.loads(Path(directory, "preprocessor_config.json").read_text())
+        image = {k: v for k, v in image.items() if k not in ("image_processor_type", "processor_class")}
         image_processor = image_processor_class("LlavaOnevisionImageProcessor")(**image)
         return cls(AutoTokenizer.from_pretrained(directory), image_processor, record["num_image_tokens"],
                    record["vision_aspect_ratio"])
