@@ -8,8 +8,8 @@ BIN    := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 RUN    ?= runs/tiny-asagi
 
-.PHONY: install check-lock test-latest lock demo test test-fast lint check-vllm clean gpu-wheels gpu-check gpu-check-dry \
-	test-deepspeed-lowest
+.PHONY: install check-lock test-latest lock demo test test-fast lint check-vllm check-vllm-tiles clean gpu-wheels \
+	gpu-check gpu-check-dry test-deepspeed-lowest
 
 # The tested dependency set: every install here takes exactly these versions (pip constraints); pyproject.toml
 # keeps ranges for people who install kakehashi into their own environment.
@@ -62,6 +62,13 @@ check-vllm: install  # optional, outside `make test`: vLLM's CPU build (its own 
 	test -f $(RUN)/export/config.json || $(MAKE) demo
 	VENV=.venv-vllm PYTHON=$(PYTHON) bash tests/interop/install_vllm.sh
 	.venv-vllm/bin/python tests/interop/check_vllm.py $(RUN)/export
+
+TILES_RUN ?= runs/tiny-tiles
+check-vllm-tiles: install  # optional, outside `make test`: vLLM's CPU build serves the tiled (LLaVA-OneVision) export
+	test -f $(TILES_RUN)/export/config.json || \
+		DS_ACCELERATOR=cpu $(BIN)/kakehashi train recipes/tiny/onevision-tiles.yaml --output $(TILES_RUN)
+	VENV=.venv-vllm PYTHON=$(PYTHON) bash tests/interop/install_vllm.sh
+	.venv-vllm/bin/python tests/interop/check_vllm.py $(TILES_RUN)/export
 
 # Resume reads DeepSpeed's own checkpoint layouts (train/checkpoint.py): the checkpoint tests against the lowest
 # DeepSpeed that pyproject.toml allows, in a venv of their own (outside `make test`); DS_LOWEST=deepspeed==X tries
