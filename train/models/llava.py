@@ -256,7 +256,8 @@ class LlavaFamily(ModelFamily):
         return {"vision_encoder": {"kind": KIND_OF_MODEL_TYPE[vision.model_type], "config": own_fields(vision),
                                    "feature_layer": config.vision_feature_layer,
                                    "select_strategy": config.vision_feature_select_strategy},
-                "projector": {"kind": "mlp2x_gelu"}, "llm": {"config": own_fields(text)}}
+                "projector": {"kind": "mlp2x_gelu", "hidden_size": projector_width(config)},
+                "llm": {"config": own_fields(text)}}
 
     def load_stage(self, directory: Path) -> LlavaForConditionalGeneration:
         from safetensors.torch import load_file
