@@ -151,6 +151,8 @@ def model_card(run_dir: Path) -> str:
 
     def describe(component: str) -> str:
         source = model[component]
+        if model["init"]:  # the inline config is the checkpoint's; the weights are its too
+            return f"from model.init {model['init']['path']}"
         if source["path"]:
             return source["path"]
         config = source["config"]

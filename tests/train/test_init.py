@@ -246,6 +246,10 @@ def test_an_asagi_layout_checkpoint_trains_a_stage_and_exports_its_frozen_tensor
             config["vision_feature_select_strategy"]) == (ASAGI_WIDTH, 512, -2, "full")
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         LlavaForConditionalGeneration.from_pretrained(export)
+    card = (export / "README.md").read_text()  # which loaders hold it, where the weights came from
+    assert "library_name: kakehashi" in card and "vLLM's llava cannot hold it" in card
+    assert f"- vision encoder: siglip, from model.init {checkpoint}" in card
+    assert "- projector: mlp2x_gelu, hidden size 256" in card
     model, _ = LLAVA.load_export(export)
     trained = load_file(tmp_path / "run" / "stages" / "01-tune" / "model.safetensors")
     assert all(torch.equal(model.state_dict()[n], t) for n, t in trained.items())
