@@ -174,7 +174,7 @@ def test_a_checkpoint_of_an_unknown_layout_is_refused(tmp_path):
     recipe = init_recipe(tmp_path, tmp_path / "bert", ["projector"])
     done = kakehashi("recipe", "check", recipe, "--skip-data")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "model_type 'bert' is not a layout kakehashi reads (llava, sarashina2_vision)" in done.stderr
+    assert "model_type 'bert' is not a layout kakehashi reads (llava, sarashina2_vision, llava_onevision)" in done.stderr
 
 
 def test_a_checkpoint_whose_tensors_do_not_fit_the_recipe_is_refused_by_check_and_train_naming_them(tmp_path):
