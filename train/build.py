@@ -66,9 +66,10 @@ def build_stage(recipe: Recipe, index: int, processor, config, *, rank: int, wor
 
 
 def check_init_weights(recipe: Recipe, config) -> None:
-    """RecipeError naming each model.init tensor whose shape the recipe's architecture does not hold (an Asagi
-    checkpoint's wider projector, a config edited by hand), from the safetensors headers and a model on the meta
-    device: `recipe check` and `train` refuse it before anything is built or loaded."""
+    """RecipeError naming each model.init tensor whose shape the recipe's architecture does not hold (tensors that
+    do not fit the checkpoint's own config.json: a config edited by hand, a projector wider than its missing
+    projector_hidden_size says), from the safetensors headers and a model on the meta device: `recipe check` and
+    `train` refuse it before anything is built or loaded."""
     if recipe.model.init is None:
         return
     from train.errors import RecipeError

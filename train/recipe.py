@@ -150,6 +150,9 @@ class VisionEncoder(ComponentSource):
 class Projector(Strict):
     kind: str = "mlp2x_gelu"                           # mlp2x_gelu (LLaVA) | qwen2_vl_merger (Qwen2-VL's 2x2 merger)
     norm: bool = False                                 # qwen2_vl_merger: a LayerNorm after it (as Sarashina2-Vision)
+    # mlp2x_gelu: the width between its two linears; None: the LLM's hidden size (LLaVA's). The released Asagi 8B
+    # and 14B are twice the LLM's width. Strict: a YAML `true` or `1.5` is a mistake, not a width of 1
+    hidden_size: int | None = Field(None, gt=0, strict=True)
 
 
 class ModelSpec(Strict):

@@ -146,11 +146,13 @@ def model_card(run_dir: Path) -> str:
     from train.recipe import load_recipe
 
     parsed = load_recipe(RunDir(run_dir).recipe_file, check_files=False)
-    card, recipe = family_for(parsed.model).card(), parsed.model_dump(mode="json")
+    card, recipe = family_for(parsed.model).card(parsed.model), parsed.model_dump(mode="json")
     model = recipe["model"]
 
     def describe(component: str) -> str:
         source = model[component]
+        if model["init"]:  # the inline config is the checkpoint's; the weights are its too
+            return f"from model.init {model['init']['path']}"
         if source["path"]:
             return source["path"]
         config = source["config"]
@@ -164,7 +166,8 @@ def model_card(run_dir: Path) -> str:
         f"Trained with [kakehashi](https://github.com/) from one recipe. {card['format']}", "",
         "## Architecture", "",
         f"- vision encoder: {model['vision_encoder']['kind']}, {describe('vision_encoder')}",
-        f"- projector: {model['projector']['kind']}",
+        f"- projector: {model['projector']['kind']}"
+        + (f", hidden size {model['projector']['hidden_size']}" if model["projector"].get("hidden_size") else ""),
         f"- LLM: {describe('llm')}",
         f"- chat template: {recipe['template']}", "",
         "## Stages", "",

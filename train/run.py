@@ -181,7 +181,7 @@ def export_run(session: RunSession) -> str | None:
         from train.export import export_stage
 
         export_stage(session.run.root, session.previous, out)
-        log.info("export: %s (%s)", out, session.family.card()["format"])
+        log.info("export: %s (%s)", out, session.family.card(session.recipe.model)["format"])
     return str(out)
 
 

@@ -181,3 +181,42 @@ def test_a_zero3_build_holds_the_files_weights_exactly_in_the_stage_dtype(tmp_pa
     expected = "torch.float32" if precision == "fp32" else "torch.bfloat16"
     for rank, result in enumerate(results):
         assert result == {"differing": [], "dtypes": [expected]}, rank
+
+
+ASAGI_WIDTH = ["model.projector.hidden_size=256"]  # twice the tiny LLM's width, as the released Asagi 8B / 14B
+
+
+def _build_zero3_wide_projector(rank, world_size, previous):
+    """On each rank: a random-init ZeRO-3 build with a projector of its own width (its gathered shapes and the
+    spread of transformers' init, run by finish_partitioned after the build), then one from `previous`: whether each
+    gathered projector tensor equals the file's."""
+    from pathlib import Path
+
+    import deepspeed
+
+    from train.build import build_stage_model
+    from train.models.llava import LLAVA
+    from train.models.weights import safetensors_weights
+
+    recipe, config = recipe_and_config(["stages.1.zero_stage=3", *ASAGI_WIDTH])
+    torch.manual_seed(0)
+    linear_1 = build_stage_model(LLAVA, recipe.model, config, recipe.stages[1], world_size,
+                                 None).model.multi_modal_projector.linear_1
+    with deepspeed.zero.GatheredParameters([linear_1.weight, linear_1.bias]):
+        random = (tuple(linear_1.weight.shape), float(linear_1.weight.std()), float(linear_1.bias.abs().max()))
+    model = build_stage_model(LLAVA, recipe.model, config, recipe.stages[1], world_size, Path(previous))
+    params = dict(model.named_parameters())
+    equal = {}
+    for weight in safetensors_weights(Path(previous) / "model.safetensors"):
+        if weight.name.startswith("model.multi_modal_projector."):
+            with deepspeed.zero.GatheredParameters([params[weight.name]]):
+                equal[weight.name] = torch.equal(params[weight.name].data, weight.read())
+    return {"random": random, "equal": equal}
+
+
+def test_zero3_builds_a_projector_of_its_own_width(tmp_path):
+    write_stage_dir(tmp_path / "previous", ASAGI_WIDTH)
+    for rank, result in enumerate(run_on_ranks(_build_zero3_wide_projector, str(tmp_path / "previous"))):
+        shape, spread, bias = result["random"]
+        assert shape == (256, 64) and 0.015 < spread < 0.025 and bias == 0.0, (rank, result)  # transformers' init
+        assert len(result["equal"]) == 4 and all(result["equal"].values()), (rank, result)

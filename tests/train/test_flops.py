@@ -51,6 +51,18 @@ def test_step_flops_match_a_hand_computation(tiny_model, train, factors):
     assert plan.step_flops(counts) == expected
 
 
+def test_a_projector_of_its_own_width_counts_with_it():
+    """projector.hidden_size 256 (twice the LLM's 128, as the released Asagi 8B / 14B): 64->256->128."""
+    from tests.conftest import TINY_RECIPE
+    from train.recipe import load_recipe
+
+    recipe = load_recipe(TINY_RECIPE, ["model.projector.hidden_size=256"], check_files=False)
+    model = LLAVA.build(recipe.model, LLAVA.config(recipe.model, VOCAB, {"image": IMAGE_TOKEN_ID}))
+    plan = plan_stage(LLAVA, model, make_stage()).flops  # trains the projector
+    linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
+    assert plan.per_token["projector"] == 3 * 2 * (linear(64, 256) + linear(256, 128))
+
+
 def test_peak_flops_comes_from_the_table_or_the_override(monkeypatch):
     monkeypatch.delenv(flops.PEAK_TFLOPS_ENV, raising=False)
     assert flops.peak_flops(torch.device("cpu")) is None  # unknown: MFU is not reported rather than guessed

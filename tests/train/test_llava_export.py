@@ -78,3 +78,48 @@ def test_transformers_loads_the_published_layout_exactly(tiny_export):
     assert inputs["input_ids"].eq(loaded.config.image_token_index).sum() == 16
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def tiny_llava(tmp, *overrides):
+    """The tiny recipe's model (with `overrides`), random init from a fixed seed, and its processor."""
+    recipe = load_recipe(TINY_RECIPE, list(overrides), check_files=False)
+    processor = build_processor(recipe, tmp / "cache")
+    torch.manual_seed(0)
+    return LLAVA.build(recipe.model, model_config(recipe.model, processor.tokenizer)).eval(), processor
+
+
+def test_a_projector_wider_than_the_llm_is_exported_with_its_width_and_read_back_by_kakehashi(tmp_path):
+    """projector.hidden_size 256, twice the LLM's width (the released Asagi 8B / 14B): the llava-hf names, the width
+    in config.json; transformers' LlavaConfig has no field for it, so from_pretrained refuses the projector's shapes
+    and kakehashi's load_export (eval, shapes-eval, chat) reads it, computing what trained."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    model, processor = tiny_llava(tmp_path, "model.projector.hidden_size=256")
+    LLAVA.save_export(model, processor, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["projector_hidden_size"] == 256
+    with safe_open(tmp_path / "export" / "model.safetensors", "pt") as f:
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if n.startswith("multi_modal_projector.")}
+    assert shapes == {"multi_modal_projector.linear_1.weight": (256, 64), "multi_modal_projector.linear_1.bias": (256,),
+                      "multi_modal_projector.linear_2.weight": (128, 256), "multi_modal_projector.linear_2.bias": (128,)}
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        LlavaForConditionalGeneration.from_pretrained(tmp_path / "export")
+    loaded, loaded_processor = LLAVA.load_export(tmp_path / "export")
+    assert type(loaded) is LlavaForConditionalGeneration and not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    inputs = loaded_processor(images=[Image.new("RGB", (40, 30), "red")], text="<image>\n何色?", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    assert loaded.generation_config.pad_token_id == processor.tokenizer.pad_token_id
+
+
+def test_a_projector_at_the_llms_width_exports_exactly_as_without_the_field(tmp_path):
+    """projector.hidden_size equal to the LLM's width is transformers' own projector: the same files, byte for byte,
+    as a recipe without the field (plain llava-hf, which transformers and vLLM load)."""
+    for name, overrides in (("plain", ()), ("same-width", ("model.projector.hidden_size=128",))):
+        model, processor = tiny_llava(tmp_path, *overrides)
+        LLAVA.save_export(model, processor, tmp_path / name)
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "same-width").iterdir())
+    assert all((tmp_path / "plain" / f).read_bytes() == (tmp_path / "same-width" / f).read_bytes() for f in files)
+    assert "projector_hidden_size" not in json.loads((tmp_path / "plain" / "config.json").read_text())

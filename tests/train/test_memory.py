@@ -147,6 +147,19 @@ def test_recipe_check_prints_the_plan_per_stage_and_json_gives_the_same_numbers(
         assert plan["total"] == plan["weights"] + plan["gradients"] + plan["optimizer"] + rest
 
 
+def test_the_plan_counts_a_projector_of_its_own_width():
+    """projector.hidden_size 256 (twice the LLM's 128): the projector's real parameters, in `params` and in the
+    memory of a stage that trains it (fp32 on one GPU: 4 bytes per weight and per gradient)."""
+    done = kakehashi("recipe", "check", TINY_RECIPE, "--skip-data", "--gpus", "1", "--json",
+                     "--set", "model.projector.hidden_size=256")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    projector = 64 * 256 + 256 + 256 * 128 + 128
+    assert report["params"]["projector"] == projector
+    align = report["stages"][0]["memory"]  # trains the projector only
+    assert (align["weights"], align["gradients"]) == (4 * sum(report["params"].values()), 4 * projector)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gpus", "0"], "--gpus must be at least 1, got 0"),
     (["--gpus", "8", "--gpu-memory", "banana"], "--gpu-memory: 'banana' is not a size such as 80GB or 80GiB"),

@@ -115,6 +115,7 @@ def test_image_token_counts_are_llava_onevision_processors(tiled, height, width)
     ("model.vision_encoder.kind=qwen2_vl", "vision_encoder.tiling: kind qwen2_vl does not tile"),
     ("model.vision_encoder.tiling.min_tiles=5", "min_tiles 5 is over max_tiles 4"),
     ("model.vision_encoder.select_strategy=default", "tiling takes full"),
+    ("model.projector.hidden_size=256", "projector.hidden_size: tiling builds its projector at the LLM's width"),
 ])
 def test_a_bad_tiling_setting_is_refused_at_recipe_check(tmp_path, override, message):
     result = kakehashi("recipe", "check", TILED_RECIPE, "--skip-data", "--set", override)

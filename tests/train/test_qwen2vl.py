@@ -160,6 +160,7 @@ def _recipe_text(**edits):
     ({"model.projector.kind": "mlp2x_gelu"}, "does not fit vision_encoder.kind qwen2_vl"),
     ({"stages.0.vision_encoder_last_blocks": 1}, "stages.0: vision_encoder_last_blocks is set but the stage freezes"),
     ({"model.vision_encoder.min_pixels": 10_000}, "min_pixels 10000 is more than max_pixels 4096"),
+    ({"model.projector.hidden_size": 256}, "projector.hidden_size applies to kind mlp2x_gelu only"),
 ])
 def test_recipe_refuses_mismatched_parts(edits, expected):
     with pytest.raises(RecipeError) as err:

@@ -34,8 +34,12 @@ def test_yaml_syntax_error_names_the_line(tiny_recipe_text):
         ("train: [projector]\n", "train: []\n", "stages.0.train: stage trains nothing"),
         ("  llm:\n    config:\n", "  llm:\n    path: ./no/such/llm\n    config:\n", "model.llm.path: no such file or directory: ./no/such/llm"),
         ("lr: {projector: 2.0e-3}", "lr: {projector: 2.0e-3, llm: 1.0e-4}", "stages.0: lr.llm is set but the stage freezes llm"),
+        ("  projector:\n", "  projector:\n    hidden_size: 0\n", "model.projector.hidden_size: Input should be greater than 0"),
+        ("  projector:\n", "  projector:\n    hidden_size: true\n", "model.projector.hidden_size: Input should be a valid integer"),
+        ("  projector:\n", "  projector:\n    hidden_size: 256.0\n", "model.projector.hidden_size: Input should be a valid integer"),
     ],
-    ids=["unknown-key", "wrong-type", "negative-lr", "trains-nothing", "missing-file", "lr-for-frozen"],
+    ids=["unknown-key", "wrong-type", "negative-lr", "trains-nothing", "missing-file", "lr-for-frozen",
+         "projector-width-zero", "projector-width-bool", "projector-width-float"],
 )
 def test_each_bad_case_names_its_field(tiny_recipe_text, old, new, expected):
     assert old in tiny_recipe_text

@@ -165,8 +165,9 @@ class ModelFamily(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def card(self) -> dict:
-        """What the export's model card says of its format: {"library_name", "tags", "format"}."""
+    def card(self, spec) -> dict:
+        """What the export's model card says of its format: {"library_name", "tags", "format"} (`spec`: the
+        recipe's model section, whose fields may decide which consumers can read the export)."""
         raise NotImplementedError
 
 

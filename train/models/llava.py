@@ -4,6 +4,12 @@ transformers' own LlavaForConditionalGeneration.
 Training the HF class itself (rather than a look-alike converted at the end) is what makes the export exact: the
 weights we train are the weights `LlavaForConditionalGeneration.from_pretrained` reads. No parallelism here;
 DeepSpeed wraps what `training_module` returns.
+
+The projector's intermediate width may differ from the LLM's (`projector.hidden_size`; the released Asagi 8B and 14B
+are twice the LLM's, their config.json says so in `projector_hidden_size`). transformers' LlavaConfig has no such
+field, so the model stays transformers' class with its projector's linears at that width (WideProjector), the width
+kept in the config as `projector_hidden_size`; such an export is read back by `load_export`, not by
+`LlavaForConditionalGeneration.from_pretrained`. At the LLM's width nothing differs from plain llava-hf.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.activations import ACT2FN
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from train.models import weights as weight_files
 from train.models.base import ModelFamily
@@ -69,6 +77,44 @@ def vision_config(spec):
     return getattr(loaded, "vision_config", loaded)  # a full SigLIP/CLIP checkpoint carries a text tower too
 
 
+def projector_width(config: LlavaConfig) -> int:
+    """The projector's intermediate width: the config's `projector_hidden_size` (an Asagi-layout checkpoint, a
+    recipe's projector.hidden_size), else the LLM's width, as transformers' LlavaMultiModalProjector has it."""
+    return getattr(config, "projector_hidden_size", None) or config.text_config.hidden_size
+
+
+def recipe_width(spec, text) -> int | None:
+    """The recipe's projector width where it is not the LLM's (`text`: the LLM's config); None: transformers' own
+    projector, so that an export at the LLM's width stays plain llava-hf."""
+    width = spec.projector.hidden_size
+    return width if width is not None and width != text.hidden_size else None
+
+
+class WideProjector(LlavaMultiModalProjector):
+    """transformers' projector (its forward, its names linear_1 / act / linear_2) with the intermediate width
+    projector_width(config) instead of the LLM's."""
+
+    def __init__(self, config: LlavaConfig):
+        nn.Module.__init__(self)  # not LlavaMultiModalProjector's, which would allocate the LLM-width linears first
+        layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        width, bias = projector_width(config), config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * layers, width, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(width, config.text_config.hidden_size, bias=bias)
+
+
+def new_llava(config: LlavaConfig, model_class=LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """transformers' LlavaForConditionalGeneration of `config` with its projector at projector_width(config). The
+    class stays transformers' own (its forward, generate, ZeRO-3's hooks, LoRA's targets); only the projector's two
+    linears are swapped, and given transformers' init (the rest is marked initialised and left as it is; under
+    ZeRO-3's no_init_weights this is a no-op and train/build.py's finish_partitioned initialises them)."""
+    model = model_class(config)
+    if projector_width(config) != config.text_config.hidden_size:
+        model.model.multi_modal_projector = WideProjector(config)
+        model.init_weights()
+    return model
+
+
 def tower_kind(config: LlavaConfig) -> str:
     return KIND_OF_MODEL_TYPE[config.vision_config.model_type]
 
@@ -89,6 +135,10 @@ class LlavaFamily(ModelFamily):
     model_class, config_class = LlavaForConditionalGeneration, LlavaConfig  # the transformers classes it holds
     published_layout = PUBLISHED_LAYOUT
 
+    def new_model(self, config):
+        """The family's transformers model of `config`, its projector at projector_width(config)."""
+        return new_llava(config, self.model_class)
+
     def validate(self, spec) -> list[str]:
         problems = []
         if spec.vision_encoder.min_pixels or spec.vision_encoder.max_pixels:
@@ -103,15 +153,17 @@ class LlavaFamily(ModelFamily):
 
     def config(self, spec, vocab_size: int, token_ids: dict[str, int]) -> LlavaConfig:
         text = llm_config(spec, vocab_size)
+        width = recipe_width(spec, text)
         return LlavaConfig(
             vision_config=vision_config(spec), text_config=text, image_token_index=token_ids["image"],
             projector_hidden_act="gelu", vision_feature_select_strategy=spec.vision_encoder.select_strategy,
             vision_feature_layer=spec.vision_encoder.feature_layer,
             tie_word_embeddings=getattr(text, "tie_word_embeddings", False),
+            **({"projector_hidden_size": width} if width is not None else {}),  # kept as an extra config field
         )
 
     def build(self, spec, config: LlavaConfig, *, load_weights: bool = True) -> LlavaForConditionalGeneration:
-        model = self.model_class(config)
+        model = self.new_model(config)
         set_attn_implementation(model, spec)
         set_loss(model, spec)
         if load_weights:
@@ -124,7 +176,7 @@ class LlavaFamily(ModelFamily):
             return init_weights(spec, config, self.published_layout)
         if model is None:  # the names and shapes that `path` components fill (nothing is allocated on meta)
             with torch.device("meta"):
-                model = self.model_class(config)
+                model = self.new_model(config)
         shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
         weights = []
         if spec.vision_encoder.path is not None:
@@ -204,12 +256,13 @@ class LlavaFamily(ModelFamily):
         return {"vision_encoder": {"kind": KIND_OF_MODEL_TYPE[vision.model_type], "config": own_fields(vision),
                                    "feature_layer": config.vision_feature_layer,
                                    "select_strategy": config.vision_feature_select_strategy},
-                "projector": {"kind": "mlp2x_gelu"}, "llm": {"config": own_fields(text)}}
+                "projector": {"kind": "mlp2x_gelu", "hidden_size": projector_width(config)},
+                "llm": {"config": own_fields(text)}}
 
     def load_stage(self, directory: Path) -> LlavaForConditionalGeneration:
         from safetensors.torch import load_file
 
-        model = self.model_class(self.config_class.from_pretrained(directory))
+        model = self.new_model(self.config_class.from_pretrained(directory))
         model.load_state_dict(load_file(Path(directory) / "model.safetensors"))
         return model
 
@@ -229,9 +282,21 @@ class LlavaFamily(ModelFamily):
     def load_export(self, directory: Path):
         from transformers import AutoProcessor
 
-        return LlavaForConditionalGeneration.from_pretrained(directory).eval(), AutoProcessor.from_pretrained(directory)
+        config = LlavaConfig.from_pretrained(directory)
+        if projector_width(config) != config.text_config.hidden_size:  # from_pretrained would refuse its projector
+            model = load_wide(directory, config)
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(directory)
+        return model.eval(), AutoProcessor.from_pretrained(directory)
 
-    def card(self) -> dict:
+    def card(self, spec) -> dict:
+        width = recipe_width(spec, llm_config(spec, 0)) if spec.projector.hidden_size is not None else None
+        if width is not None:
+            return {"library_name": "kakehashi", "tags": ["llava"],
+                    "format": f"A `LlavaForConditionalGeneration` in the llava-hf layout whose projector is {width} "
+                              f"wide (`projector_hidden_size` in config.json), not the LLM's width: plain "
+                              f"transformers' `LlavaForConditionalGeneration` and vLLM's llava cannot hold it; "
+                              f"kakehashi loads it (`train.chat.load_export`)."}
         return {"library_name": "transformers", "tags": ["llava"],
                 "format": "A `LlavaForConditionalGeneration`; it loads with plain transformers "
                           "(`LlavaForConditionalGeneration`, `AutoProcessor`), no `trust_remote_code`."}
@@ -245,15 +310,37 @@ def own(shapes: dict, prefix: str) -> list[str]:
 
 
 def init_weights(spec, config: LlavaConfig, layout=PUBLISHED_LAYOUT) -> list[Weight]:
-    """model.init's tensors under transformers 5's in-memory names (the llava-hf layout mapped back, as
-    from_pretrained maps it), its vocabulary grown to `config`'s when kakehashi added tokens to its tokenizer."""
+    """model.init's tensors under transformers 5's in-memory names, its vocabulary grown to `config`'s when
+    kakehashi added tokens to its tokenizer."""
     rows = config.text_config.vocab_size
-    weights = []
-    for weight in weight_files.directory_weights(checkpoint_dir(spec.init)):
-        name = in_memory_name(weight.name, layout)
-        weight = weight_files.Weight(name, weight.shape, weight.read)
-        weights.append(weight_files.grown_rows(weight, rows) if name in VOCABULARY_ROWS else weight)
-    return weights
+    return [weight_files.grown_rows(w, rows) if w.name in VOCABULARY_ROWS else w
+            for w in in_memory_weights(checkpoint_dir(spec.init), layout)]
+
+
+def in_memory_weights(directory: Path, layout=PUBLISHED_LAYOUT) -> list[Weight]:
+    """A published-layout directory's tensors under transformers 5's in-memory names, as from_pretrained maps them
+    (the llava-hf layout mapped back)."""
+    return [weight_files.Weight(in_memory_name(w.name, layout), w.shape, w.read)
+            for w in weight_files.directory_weights(directory)]
+
+
+def load_wide(directory: Path, config: LlavaConfig) -> LlavaForConditionalGeneration:
+    """What from_pretrained gives for an export whose projector is not the LLM's width, which it cannot hold: the
+    model (new_llava) in the dtype config.json names (float32 if none, as kakehashi's exports are), its tensors
+    copied in one at a time, the export's generation config."""
+    from transformers import GenerationConfig
+
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = new_llava(config)
+    finally:
+        torch.set_default_dtype(before)
+    weight_files.load_weights(model, in_memory_weights(directory), strict=True)
+    if Path(directory, "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
 
 
 VOCABULARY_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")

@@ -38,6 +38,9 @@ class OnevisionFamily(LlavaFamily):
         problems = super().validate(spec)
         if spec.vision_encoder.select_strategy != "full":  # OneVision's processor and forward disagree on CLS
             problems.append("vision_encoder.select_strategy: tiling takes full (SigLIP has no CLS token)")
+        if spec.projector.hidden_size is not None:  # its export is read by from_pretrained, which holds no such width
+            problems.append("projector.hidden_size: tiling builds its projector at the LLM's width "
+                            "(LlavaOnevisionConfig has no projector width)")
         return problems
 
     def config(self, spec, vocab_size: int, token_ids: dict[str, int]) -> LlavaOnevisionConfig:
@@ -127,7 +130,7 @@ class OnevisionFamily(LlavaFamily):
         return (LlavaOnevisionForConditionalGeneration.from_pretrained(directory).eval(),
                 OnevisionProcessor.from_pretrained(directory))
 
-    def card(self) -> dict:
+    def card(self, spec) -> dict:
         return {"library_name": "transformers", "tags": ["llava_onevision"],
                 "format": "A `LlavaOnevisionForConditionalGeneration` (SigLIP tower, dynamic tiling, MLP projector); "
                           "it loads with plain transformers (`AutoModelForImageTextToText`, `AutoProcessor`) and vLLM, "

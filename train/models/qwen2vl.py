@@ -266,9 +266,14 @@ class Qwen2VLFamily(ModelFamily):
         encoder = spec.vision_encoder
         encoder.min_pixels = encoder.min_pixels or 56 * 56  # Qwen2VLImageProcessor's defaults
         encoder.max_pixels = encoder.max_pixels or 28 * 28 * 1280
+        problems = []
         if encoder.min_pixels > encoder.max_pixels:
-            return [f"vision_encoder: min_pixels {encoder.min_pixels} is more than max_pixels {encoder.max_pixels}"]
-        return []
+            problems.append(f"vision_encoder: min_pixels {encoder.min_pixels} is more than max_pixels "
+                            f"{encoder.max_pixels}")
+        if spec.projector.hidden_size is not None:  # the merger's width is Qwen2-VL's (4 x the encoder's), fixed
+            problems.append("projector.hidden_size applies to kind mlp2x_gelu only (qwen2_vl_merger's width is "
+                            "fixed by the vision encoder)")
+        return problems
 
     def config(self, spec, vocab_size: int, token_ids: dict[str, int]) -> Qwen2VLVisionLMConfig:
         text = llm_config(spec, vocab_size)
@@ -374,7 +379,7 @@ class Qwen2VLFamily(ModelFamily):
     def load_export(self, directory: Path) -> tuple[Qwen2VLVisionLM, Qwen2VLChatProcessor]:
         return self.load_stage(directory).eval(), Qwen2VLChatProcessor.from_pretrained(directory)
 
-    def card(self) -> dict:
+    def card(self, spec) -> dict:
         return {"library_name": "kakehashi", "tags": ["sarashina2-vision", "qwen2-vl-encoder"],
                 "format": "A Qwen2-VL vision encoder + merger in front of a causal LM in Sarashina2-Vision's released "
                           "layout (`Sarashina2VisionForCausalLM`), which SGLang and llama.cpp's converter read; "
