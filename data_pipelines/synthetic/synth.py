@@ -75,10 +75,11 @@ def caption_sample(rng: random.Random, image_size: int) -> tuple[dict, list[tupl
     return {"caption": caption, "source": SOURCE}, [("png", png_bytes(draw_shape(rng, shape, colour, image_size)))]
 
 
-# The detail set: a small shape on a canvas of 1 to 4 tiles of 32 px, as wide as 4:1 or as tall as 1:4. Squashed to one
-# 32 px view the shape is 2-3 px across along the long side; a tiled view keeps it whole (the tiny tiled recipe).
-DETAIL_CANVASES = ((32, 32), (64, 32), (32, 64), (64, 64), (96, 32), (32, 96), (128, 32), (32, 128))
-DETAIL_SHAPE_PX = (7, 11)
+# The detail set: a small shape (3-6 px) on a canvas of 2 to 4 tiles of 32 px, as wide as 4:1 or as tall as 1:4.
+# Squashed to one 32 px view it covers about a pixel along the long side, a few percent of a patch; the tiles keep it
+# whole (the tiny tiled recipe).
+DETAIL_CANVASES = ((64, 32), (32, 64), (64, 64), (96, 32), (32, 96), (128, 32), (32, 128))
+DETAIL_SHAPE_PX = (3, 6)
 
 
 def draw_detail(rng: random.Random, shape: str, colour: str) -> Image.Image:
