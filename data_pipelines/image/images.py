@@ -5,6 +5,12 @@ them into the vision encoder's float input on the training device. The resize re
 (`squash`: bicubic to size x size) and CLIP (`shortest_edge_crop`: bicubic shortest edge to size, centre crop)
 image processors: torch's antialiased uint8 bicubic matches Pillow's BICUBIC, which those processors use, to
 within one grey level on almost every pixel, and is ~4x faster.
+
+`load_pixels` decodes a YCbCr or greyscale JPEG with simplejpeg (libjpeg-turbo's TurboJPEG API, straight into a numpy
+array) at the DCT scale `Image.draft` would pick: bit-identical to Pillow's decode (the same libjpeg-turbo code: the
+accurate integer IDCT and fancy upsampling), without Pillow's copies into and out of its own image memory.
+Anything else, and any JPEG that libjpeg-turbo decodes only with a warning, takes Pillow's path, so bad bytes raise
+the ImageError they raised before.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import warnings
 from typing import Literal, Sequence
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps
 
@@ -21,6 +28,7 @@ WHITE = (255, 255, 255)
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs (e.g. 8000 x 8000)
 ResizeMode = Literal["squash", "shortest_edge_crop"]
 RESIZE_MODES = ("squash", "shortest_edge_crop")
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(ValueError):
@@ -80,10 +88,57 @@ def load_pixels(data: bytes, image_size: int, resize_mode: ResizeMode = "squash"
     or 1/8 scale, never below the target), which is both faster and itself an antialiasing downscale.
     """
     image = open_image(data, max_pixels)
-    if image.format == "JPEG":
-        image.draft("RGB" if image.mode == "RGB" else None, (image_size, image_size))
-    rgb = np.array(load_upright_rgb(image))  # [H, W, 3] uint8, writable (torch refuses read-only arrays)
+    rgb = decode_jpeg_upright(data, image, image_size)
+    if rgb is None:  # not a plain JPEG, or one libjpeg-turbo warned about: Pillow decodes it (or says why not)
+        if image.format == "JPEG":
+            image.draft("RGB" if image.mode == "RGB" else None, (image_size, image_size))
+        rgb = np.array(load_upright_rgb(image))  # [H, W, 3] uint8, writable (torch refuses read-only arrays)
     return resize_uint8(torch.from_numpy(rgb).permute(2, 0, 1), image_size, resize_mode)
+
+
+def draft_scale(size: tuple[int, int], target: int) -> int:
+    """The DCT-domain scale `Image.draft(mode, (target, target))` picks: the largest of 8, 4, 2 that keeps both
+    sides at least `target`, else 1."""
+    fits = min(size[0] // target, size[1] // target)
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
+
+
+def decode_jpeg_upright(data: bytes, image: Image.Image, image_size: int) -> np.ndarray | None:
+    """A YCbCr or greyscale JPEG (`image`: `data` opened by `open_image`) -> upright [H, W, 3] uint8 at the scale
+    `Image.draft` picks for `image_size`, decoded by simplejpeg; pixel for pixel what `load_pixels` gets from Pillow
+    (decode, draft, EXIF orientation, RGB). None for anything else: other formats, CMYK, an MPO, EXIF that does not
+    parse, or bytes libjpeg-turbo decodes only with a warning (truncated or corrupt data, which Pillow then reports
+    or decodes as before)."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    width, height = image.size
+    scale = draft_scale(image.size, image_size)
+    shape = (-(-height // scale), -(-width // scale))  # libjpeg's scaled size rounds up, as draft's does
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # looked up as exif_transpose looks it up: values other than 2-8 leave the image as stored
+            transpose = ORIENTATIONS.get(image.getexif().get(EXIF_ORIENTATION, 1))
+        # min_factor and the minimum size together leave exactly the scale 1/scale
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=shape[0], min_width=shape[1],
+                                     min_factor=scale, strict=True)
+    except Exception:  # ValueError from libjpeg-turbo's errors and warnings; anything from a bad EXIF block
+        return None
+    if rgb.shape != (*shape, 3):
+        return None
+    return rgb if transpose is None else np.ascontiguousarray(transpose(rgb))
+
+
+# EXIF orientation -> the transpose `ImageOps.exif_transpose` applies, on [H, W, C] arrays
+ORIENTATIONS = {
+    2: lambda pixels: pixels[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda pixels: pixels[::-1, ::-1],  # ROTATE_180
+    4: lambda pixels: pixels[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda pixels: pixels.transpose(1, 0, 2),  # TRANSPOSE
+    6: lambda pixels: np.rot90(pixels, -1),  # ROTATE_270 (90 degrees clockwise)
+    7: lambda pixels: pixels[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
+    8: lambda pixels: np.rot90(pixels, 1),  # ROTATE_90 (counter-clockwise)
+}
 
 
 def resize_uint8(pixels: torch.Tensor, image_size: int, resize_mode: ResizeMode = "squash") -> torch.Tensor:
