@@ -245,8 +245,9 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
     pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
     try:
         if images and config.image_size is not None:
-            pixel_values = torch.stack([load_pixels(data, config.image_size, config.resize_mode,
-                                                    config.max_image_pixels) for data in images])
+            pixels = [load_pixels(data, config.image_size, config.resize_mode, config.max_image_pixels)
+                      for data in images]
+            pixel_values = pixels[0][None] if len(pixels) == 1 else torch.stack(pixels)  # one image: no copy
         elif images:
             pixel_values = config.image_transform([decode_image(data, config.max_image_pixels)
                                                    for data in images])
