@@ -20,9 +20,9 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
     """Right-pad to the longest example. Images of all examples are concatenated in example order.
 
     Returns input_ids, attention_mask, labels: [B, T] long; pixel_values: [N_images, 3, H, W] (uint8 at the
-    model's input size, or the image_transform's float) or None; with dynamic resolution, pixel_values is the
-    flattened patches [N_patches, patch_dim] and image_grid_thw [N_images, 3], both in example order;
-    num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
+    model's input size, stored channels last, or the image_transform's float) or None; with dynamic resolution,
+    pixel_values is the flattened patches [N_patches, patch_dim] and image_grid_thw [N_images, 3], both in example
+    order; num_target_tokens: how many positions contribute to the loss after the causal shift (labels[:, 1:]);
     num_samples, sample_lengths: examples in the batch and their token counts (for throughput and FLOP accounting);
     keys, sources: per example, the sample key and source name (for logging; not model inputs);
     label_sources: [B, T] long, the source index (in the stage's `data`) of each position, -1 on padding (the

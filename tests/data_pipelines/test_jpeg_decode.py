@@ -142,3 +142,39 @@ def test_the_pixel_limit_is_checked_before_any_decode():
     with pytest.raises(ImageError) as error:
         load_pixels(data, 8, max_pixels=9999)
     assert error.value.reason == "image_too_large"
+
+
+# ------------------------------------------------------------------ channels-last pixels, NCHW model input
+
+
+@pytest.mark.parametrize("mode", ["squash", "shortest_edge_crop"])
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_resize_gives_f_interpolate_values_stored_channels_last(mode, layout):
+    stored = torch.from_numpy(np.array(photo(90, 61))).permute(2, 0, 1)  # [3, H, W] over HWC memory, as decoded
+    pixels = stored if layout == "hwc" else stored.contiguous()
+    ours = images.resize_uint8(pixels, 32, mode)
+    size = (32, 32) if mode == "squash" else (32, int(32 * 90 / 61))
+    theirs = torch.nn.functional.interpolate(stored[None], size=size, mode="bicubic", antialias=True)[0]
+    if mode == "shortest_edge_crop":
+        left = (size[1] - 32) // 2
+        theirs = theirs[:, :, left:left + 32]
+    assert ours.shape == (3, 32, 32) and torch.equal(ours, theirs)
+    assert ours.permute(1, 2, 0).is_contiguous()
+
+
+def test_the_loader_hands_over_channels_last_and_the_model_gets_nchw(tmp_path):
+    from data_pipelines.batch.collate import collate, model_inputs
+    from data_pipelines.render.example import Example
+
+    single = [load_pixels(jpeg(photo(80, 60, seed=i)), 16) for i in range(3)]
+    examples = [Example(key=f"k{i}", source="s", source_id=0, input_ids=[1, 2], labels=[1, 2],
+                        pixel_values=images.stack_pixels(group))
+                for i, group in enumerate([single[:1], single[1:]])]  # one image, then two
+    batch = collate(examples, pad_token_id=0)
+    pixels = batch["pixel_values"]
+    assert pixels.shape == (3, 3, 16, 16) and pixels.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(pixels[i], single[i]) for i in range(3))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    inputs = model_inputs(batch, "cpu", mean, std)["pixel_values"]
+    expected = (torch.stack(single).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert inputs.is_contiguous() and torch.equal(inputs, expected)
