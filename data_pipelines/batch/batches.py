@@ -19,7 +19,14 @@ from PIL import Image
 from data_pipelines.batch.collate import collate, collate_pairs
 from data_pipelines.batch.pack import collate_packed, first_fit_decreasing
 from data_pipelines.errors import TooManyBadSamples  # raised here; still importable from here
-from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ResizeMode, decode_image, load_pixels
+from data_pipelines.image.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageError,
+    ResizeMode,
+    decode_image,
+    load_pixels,
+    stack_pixels,
+)
 from data_pipelines.read.shard_reader import RawSample
 from data_pipelines.read.streams import SourceStream, StreamState, UnitPlan, seeded_rng
 from data_pipelines.render.example import Example
@@ -247,8 +254,8 @@ def build_example(config: WorkerConfig, raw: RawSample, source: int) -> Example:
     pixel_values = None  # [n_images, 3, H, W]: uint8 at image_size, or whatever image_transform returns
     try:
         if images and config.image_size is not None:
-            pixel_values = torch.stack([load_pixels(data, config.image_size, config.resize_mode,
-                                                    config.max_image_pixels) for data in images])
+            pixel_values = stack_pixels([load_pixels(data, config.image_size, config.resize_mode,
+                                                     config.max_image_pixels) for data in images])
         elif images:
             pixel_values = config.image_transform([decode_image(data, config.max_image_pixels)
                                                    for data in images])

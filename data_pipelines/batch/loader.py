@@ -81,7 +81,8 @@ def _worker_context():
 
 class MixtureLoader:
     """`next()` yields collated micro-batches forever (see collate.collate for the dict; pixel_values is uint8
-    [N, 3, image_size, image_size] with `image_size`, else what `image_transform` returns).
+    [N, 3, image_size, image_size] stored channels last with `image_size` (collate.model_inputs normalises it to
+    NCHW floats), else what `image_transform` returns).
 
     Same arguments => same batches, whatever the workers' timing. `num_workers` worker processes (0: in this
     process) run max(num_workers, 1) logical workers; setting the attribute to 0 after construction runs the same

