@@ -82,9 +82,13 @@ class AnyResTiles:
         return layout[:, 2].tolist()
 
     def tokens(self, layout: torch.Tensor) -> list[int]:
-        """LLM image tokens per image, as LlavaOnevisionProcessor counts them (select strategy "full")."""
-        return [image_tokens(height, width, tiles > 1, self.patches_per_side, self.image_size, self.pinpoints,
-                             self.max_tiles) for height, width, tiles in layout.tolist()]
+        """LLM image tokens per image of a layout [N, 3] (height, width, tiles)."""
+        return [self.image_tokens(height, width, tiles > 1) for height, width, tiles in layout.tolist()]
+
+    def image_tokens(self, height: int, width: int, tiled: bool) -> int:
+        """LLM image tokens of one image, as LlavaOnevisionProcessor counts them (select strategy "full")."""
+        return image_tokens(height, width, tiled, self.patches_per_side, self.image_size, self.pinpoints,
+                            self.max_tiles)
 
     def max_tokens(self) -> int:
         """The most image tokens one image can take (memory plans): every tile's patches and a newline per row."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import BatchFeature, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-from data_pipelines.image.tiles import AnyResTiles, grid_pinpoints, image_tokens
+from data_pipelines.image.tiles import AnyResTiles, grid_pinpoints
 from train.models.configs import image_processor_class, llm_config, own_fields
 from train.models.llava import PUBLISHED_LAYOUT, LlavaFamily, export_generation_config, vision_config
 from train.models.loss import SourceTokens, lm_loss_sum, loss_of, sequence_logps
@@ -142,9 +142,14 @@ ONEVISION = OnevisionFamily()
 
 def tiler(config: LlavaOnevisionConfig, image_mean) -> AnyResTiles:
     vision = config.vision_config
-    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
-    return AnyResTiles(vision.image_size, vision.patch_size, config.image_grid_pinpoints, max_tiles,
+    return AnyResTiles(vision.image_size, vision.patch_size, config.image_grid_pinpoints,
+                       max_tiles_of(config.vision_aspect_ratio),
                        pad_colour=tuple(int(m * 255) for m in image_mean))  # the processor's pad_to_square colour
+
+
+def max_tiles_of(vision_aspect_ratio: str) -> int:
+    """N of LLaVA-OneVision's "anyres_max_N" (the config's and the processor's vision_aspect_ratio)."""
+    return int(vision_aspect_ratio.removeprefix("anyres_max_"))
 
 
 def export_config(config: LlavaOnevisionConfig, tokenizer) -> LlavaOnevisionConfig:
@@ -164,12 +169,15 @@ class OnevisionProcessor:
     """LlavaOnevisionProcessor's image path without its video processor, which transformers builds only where
     torchvision is installed (training machines need not have it). It writes the files LlavaOnevisionProcessor reads
     (AutoProcessor loads the export as it is where torchvision is) and expands each <image> as it does: a tiled
-    image alone in its text, a squared one beside others (`image_tokens`)."""
+    image alone in its text, a squared one beside others (`AnyResTiles.image_tokens`)."""
 
     def __init__(self, tokenizer, image_processor, num_image_tokens: int, vision_aspect_ratio: str):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_image_tokens, self.vision_aspect_ratio = num_image_tokens, vision_aspect_ratio
         self.image_token, self.chat_template = IMAGE_TOKEN, tokenizer.chat_template
+        size = image_processor.size["height"]  # the tiles' count as the loader's (pad colour unused here)
+        self.tiles = AnyResTiles(size, size // int(num_image_tokens ** 0.5), image_processor.image_grid_pinpoints,
+                                 max_tiles_of(vision_aspect_ratio), pad_colour=(0, 0, 0))
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -196,12 +204,8 @@ class OnevisionProcessor:
 
     def counts(self, sizes: list[list[int]], per_text: list[int]) -> list[int]:
         """Image tokens per image in text order: tiled when its text has one image, squared otherwise."""
-        config = self.image_processor
-        side = int(self.num_image_tokens ** 0.5)
-        max_tiles = int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
         alone = [n == 1 for n in per_text for _ in range(n)]
-        return [image_tokens(height, width, tiled, side, config.size["height"], config.image_grid_pinpoints, max_tiles)
-                for (height, width), tiled in zip(sizes, alone)]
+        return [self.tiles.image_tokens(height, width, tiled) for (height, width), tiled in zip(sizes, alone)]
 
     def expand(self, text: str, counts: list[int]) -> str:
         """`text` with each <image> replaced by its image's tokens (the next of `counts`, taken off the front)."""
