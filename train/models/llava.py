@@ -272,10 +272,16 @@ class LlavaFamily(ModelFamily):
         a config whose token ids and image_seq_length are this model's, the processor's files."""
         from huggingface_hub import save_torch_state_dict
 
-        export_config(model.config, processor.tokenizer).save_pretrained(directory)
+        self.export_config(model.config, processor.tokenizer).save_pretrained(directory)
         export_generation_config(processor.tokenizer).save_pretrained(directory)
-        save_torch_state_dict(published_state_dict(model), directory, max_shard_size=max_shard_size,
-                              metadata={"format": "pt"})
+        save_torch_state_dict(published_state_dict(model, self.published_layout), directory,
+                              max_shard_size=max_shard_size, metadata={"format": "pt"})
+        self.save_processor(processor, directory)
+
+    def export_config(self, config: LlavaConfig, tokenizer) -> LlavaConfig:
+        return export_config(config, tokenizer)
+
+    def save_processor(self, processor, directory: Path) -> None:
         processor.save_pretrained(directory)
         processor.image_processor.save_pretrained(directory)  # preprocessor_config.json too, as llava-hf ships it
 
@@ -354,16 +360,17 @@ def in_memory_name(name: str, layout=PUBLISHED_LAYOUT) -> str:
     return name
 
 
-def published_name(name: str) -> str:
-    for ours, published in PUBLISHED_LAYOUT:
+def published_name(name: str, layout=PUBLISHED_LAYOUT) -> str:
+    for ours, published in layout:
         if name.startswith(ours):
             return published + name[len(ours):]
     raise KeyError(f"{name}: no place in the llava-hf layout")
 
 
-def published_state_dict(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The model's weights under the published names; a tied LM head is stored once (as the embeddings)."""
-    state = {published_name(k): v for k, v in model.state_dict().items()}
+def published_state_dict(model: LlavaForConditionalGeneration, layout=PUBLISHED_LAYOUT) -> dict[str, torch.Tensor]:
+    """The model's weights under the published names (`layout`: the family's); a tied LM head is stored once (as
+    the embeddings)."""
+    state = {published_name(k, layout): v for k, v in model.state_dict().items()}
     if model.config.text_config.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
     return state

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BatchFeature, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from data_pipelines.image.tiles import AnyResTiles, grid_pinpoints
 from train.models.configs import image_processor_class, llm_config, own_fields
-from train.models.llava import PUBLISHED_LAYOUT, LlavaFamily, export_generation_config, vision_config
+from train.models.llava import PUBLISHED_LAYOUT, LlavaFamily, vision_config
 from train.models.loss import SourceTokens, lm_loss_sum, loss_of, sequence_logps
-from train.models.tokenizers import IMAGE_TOKEN
+from train.models.tokenizers import IMAGE_TOKEN, ChatProcessor
 from train.models.weights import checkpoint_dir
 
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SiglipImageProcessor's mean and std (a tower given as an inline config)
@@ -108,23 +108,11 @@ class OnevisionFamily(LlavaFamily):
                                    "feature_layer": config.vision_feature_layer, "select_strategy": "full"},
                 "projector": {"kind": "mlp2x_gelu"}, "llm": {"config": own_fields(config.text_config)}}
 
-    def save_export(self, model, processor, directory: Path, max_shard_size: str | int = "5GB") -> None:
-        from huggingface_hub import save_torch_state_dict
+    def export_config(self, config: LlavaOnevisionConfig, tokenizer) -> LlavaOnevisionConfig:
+        return export_config(config, tokenizer)
 
-        export_config(model.config, processor.tokenizer).save_pretrained(directory)
-        export_generation_config(processor.tokenizer).save_pretrained(directory)
-        save_torch_state_dict(self.published_state_dict(model), directory, max_shard_size=max_shard_size,
-                              metadata={"format": "pt"})
-        processor.save_pretrained(directory)
-
-    def published_state_dict(self, model) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, tensor in model.state_dict().items():
-            ours, published = next(pair for pair in self.published_layout if name.startswith(pair[0]))
-            state[published + name[len(ours):]] = tensor
-        if model.config.text_config.tie_word_embeddings:
-            state.pop("language_model.lm_head.weight", None)
-        return state
+    def save_processor(self, processor: OnevisionProcessor, directory: Path) -> None:
+        processor.save_pretrained(directory)  # processor_config.json holds the image processor's settings
 
     def load_export(self, directory: Path):
         return (LlavaOnevisionForConditionalGeneration.from_pretrained(directory).eval(),
@@ -165,7 +153,7 @@ def export_config(config: LlavaOnevisionConfig, tokenizer) -> LlavaOnevisionConf
     return config
 
 
-class OnevisionProcessor:
+class OnevisionProcessor(ChatProcessor):
     """LlavaOnevisionProcessor's image path without its video processor, which transformers builds only where
     torchvision is installed (training machines need not have it). It writes the files LlavaOnevisionProcessor reads
     (AutoProcessor loads the export as it is where torchvision is) and expands each <image> as it does: a tiled
@@ -178,9 +166,6 @@ class OnevisionProcessor:
         size = image_processor.size["height"]  # the tiles' count as the loader's (pad colour unused here)
         self.tiles = AnyResTiles(size, size // int(num_image_tokens ** 0.5), image_processor.image_grid_pinpoints,
                                  max_tiles_of(vision_aspect_ratio), pad_colour=(0, 0, 0))
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, images=None, text: str | list[str] = "", return_tensors: str = "pt", padding: bool = False):
         """input_ids, attention_mask and (with images) pixel_values [N, max tiles, 3, S, S], image_sizes [N, 2],
@@ -198,19 +183,12 @@ class OnevisionProcessor:
             inputs = dict(self.image_processor(images=[n for n in nested if n], return_tensors="pt"))
             counts = self.counts(inputs["image_sizes"].tolist(), per_text)
             texts = [self.expand(t, counts) for t in texts]
-        encoded = self.tokenizer(texts[0] if isinstance(text, str) else texts, return_tensors=return_tensors,
-                                 padding=padding)
-        return BatchFeature({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **inputs})
+        return self.encoded(texts, isinstance(text, str), inputs, return_tensors, padding)
 
     def counts(self, sizes: list[list[int]], per_text: list[int]) -> list[int]:
         """Image tokens per image in text order: tiled when its text has one image, squared otherwise."""
         alone = [n == 1 for n in per_text for _ in range(n)]
         return [self.tiles.image_tokens(height, width, tiled) for (height, width), tiled in zip(sizes, alone)]
-
-    def expand(self, text: str, counts: list[int]) -> str:
-        """`text` with each <image> replaced by its image's tokens (the next of `counts`, taken off the front)."""
-        pieces = text.split(self.image_token)
-        return pieces[0] + "".join(self.image_token * counts.pop(0) + piece for piece in pieces[1:])
 
     def save_pretrained(self, directory) -> None:
         """The tokenizer, and processor_config.json as LlavaOnevisionProcessor writes it (its video processor's

@@ -38,7 +38,7 @@ from train.models.configs import (
     set_attn_implementation,
 )
 from train.models.loss import SourceTokens, lm_loss_sum, loss_of, sequence_logps, set_loss
-from train.models.tokenizers import IMAGE_TOKEN, token_of
+from train.models.tokenizers import IMAGE_TOKEN, ChatProcessor, token_of
 from train.models.weights import Weight, checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Qwen2VLVisionLM(nn.Module):
         save_model(self, str(Path(directory, "model.safetensors")), metadata={"format": "pt"})  # tied weights once
 
 
-class Qwen2VLChatProcessor:
+class Qwen2VLChatProcessor(ChatProcessor):
     """Tokenizer + image processor, with the <image> expansion (and start/end tokens) the training data uses."""
 
     def __init__(self, tokenizer, image_processor, image_token: str = "<image>",
@@ -191,9 +191,6 @@ class Qwen2VLChatProcessor:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_token, self.image_start_end = image_token, tuple(image_start_end) if image_start_end else None
         self.chat_template = tokenizer.chat_template
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, images=None, text: str | list[str] = "", return_tensors: str = "pt", padding: bool = False):
         """Token ids (and patches) of one text, or of a batch of texts (`padding`: to the longest, on the tokenizer's
@@ -207,19 +204,8 @@ class Qwen2VLChatProcessor:
             placeholders = sum(t.count(self.image_token) for t in texts)
             if len(counts) != placeholders:
                 raise ValueError(f"{placeholders} {self.image_token} in the text for {len(counts)} image(s)")
-            texts = [self._expand(t, counts) for t in texts]  # takes each text's counts off the front
-        from transformers import BatchFeature
-
-        encoded = self.tokenizer(texts[0] if isinstance(text, str) else texts, return_tensors=return_tensors,
-                                 padding=padding)
-        return BatchFeature({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **inputs})
-
-    def _expand(self, text: str, counts: list[int]) -> str:
-        """`text` with each <image> replaced by its image's tokens (the next of `counts`, taken off the front)."""
-        pieces = text.split(self.image_token)
-        start, end = self.image_start_end or ("", "")
-        taken = [counts.pop(0) for _ in pieces[1:]]
-        return pieces[0] + "".join(start + self.image_token * n + end + p for n, p in zip(taken, pieces[1:]))
+            texts = [self.expand(t, counts) for t in texts]  # takes each text's counts off the front
+        return self.encoded(texts, isinstance(text, str), inputs, return_tensors, padding)
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

@@ -73,3 +73,30 @@ def stand_in_tokenizer(spec, cache_dir: str | Path):
 def is_stand_in(tokenizer) -> bool:
     """Whether `load_tokenizer` gave a stand-in for the recipe's tokenizer."""
     return getattr(tokenizer, "kakehashi_stand_in", False)
+
+
+class ChatProcessor:
+    """What the processors of kakehashi's families share (`tokenizer`, `image_token`, `image_start_end` set by
+    each): the tokenizer's chat template, each <image> expanded to its image's tokens, and the texts tokenised into
+    the BatchFeature transformers' processors return."""
+
+    image_start_end: tuple[str, str] | None = None
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def expand(self, text: str, counts: list[int]) -> str:
+        """`text` with each <image> replaced by its image's tokens (the next of `counts`, taken off the front),
+        between the family's start and end tokens if it has them."""
+        pieces = text.split(self.image_token)
+        start, end = self.image_start_end or ("", "")
+        taken = [counts.pop(0) for _ in pieces[1:]]
+        return pieces[0] + "".join(start + self.image_token * n + end + p for n, p in zip(taken, pieces[1:]))
+
+    def encoded(self, texts: list[str], one: bool, image_inputs: dict, return_tensors: str, padding: bool):
+        """input_ids and attention_mask of the texts (of texts[0] alone when `one`), with the image inputs."""
+        from transformers import BatchFeature
+
+        encoded = self.tokenizer(texts[0] if one else texts, return_tensors=return_tensors, padding=padding)
+        return BatchFeature({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                             **image_inputs})
