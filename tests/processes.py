@@ -16,6 +16,11 @@ import uuid
 from pathlib import Path
 
 STALL_S = 600.0  # silence that counts as a hang: far above any quiet stretch of a run (a DeepSpeed op build, export)
+# after the process exits (and its group is killed): how long the pipes may stay held before its tagged descendants
+# outside the group are swept. Such a descendant is an orphan with nothing more to say (a killed torchrun worker's
+# data-loader forkserver and workers, which otherwise live on: every kill -9 of a rank cost the full wait); the
+# readers then finish reading after the sweep, so no output is lost to a short grace
+ORPHAN_GRACE_S = 3.0
 TAG = "KAKEHASHI_TEST_RUN"  # in every descendant's environment: found and ended even outside the process group
 
 
@@ -66,7 +71,7 @@ class Watched:
         self.process.wait()
         self.kill()  # anything it left in its group would hold the pipes open
         for reader in self.readers:
-            reader.join(timeout=30)
+            reader.join(timeout=ORPHAN_GRACE_S)
         if any(reader.is_alive() for reader in self.readers):  # held by a descendant outside the group
             self.sweep()
             for reader in self.readers:

@@ -90,7 +90,12 @@ SARASHINA_8B = REPO / "recipes" / "sarashina2-vision-8b.yaml"
 
 
 def test_a_tokenizer_not_on_this_machine_has_a_stand_in_of_the_llms_vocabulary(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once, when huggingface_hub is imported: without this the hub is still asked (and, with no network, retried
+    # with back-off for ~45 s) before the stand-in is made
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     recipe = load_recipe(ASAGI_2B, check_data=False)
     tokenizer = load_tokenizer(recipe.model, tmp_path, stand_in=True)
     assert tokenizer.kakehashi_stand_in and len(tokenizer) == 99_584  # recipes/configs/llm-jp-3-1.8b.json

@@ -75,8 +75,10 @@ def test_two_agents_train_exactly_as_two_processes_on_one_agent(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- a lost rank
 
-WATCHDOG_S = 60  # a step of the tiny recipe takes well under a second (seconds on a loaded machine, a checkpoint
-# save included); the stage set-up is not watched
+WATCHDOG_S = 30  # a step of the tiny recipe takes well under a second (seconds on a loaded machine, a checkpoint
+# save or the first step's loader start included); the stage set-up is not watched
+COLLECTIVE_TIMEOUT_S = 30  # the longest a rank waits on its peer in a healthy run: rank 0 writing the stage
+# directory (a few MB); the data is synthesized before the launch (lost_rank_recipe)
 
 
 def launch(recipe, output, *args, env=None):
@@ -89,8 +91,14 @@ def launch(recipe, output, *args, env=None):
 
 @pytest.fixture(scope="module")
 def lost_rank_recipe(tmp_path_factory):
-    return short_recipe(tmp_path_factory.mktemp("lost"), steps=STEPS, save_every=2,
-                        stage_fields={"watchdog_s": WATCHDOG_S})
+    """The short recipe with its data already synthesized: no rank waits on rank 0 writing it."""
+    from train.recipe import load_recipe
+    from train.run import synthesize_missing_data
+
+    recipe = short_recipe(tmp_path_factory.mktemp("lost"), steps=STEPS, save_every=2,
+                          stage_fields={"watchdog_s": WATCHDOG_S})
+    synthesize_missing_data(load_recipe(recipe, check_files=False))
+    return recipe
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +160,11 @@ def test_with_the_watchdog_off_a_stopped_rank_ends_the_job_at_the_collective_tim
     """The recipe's collective_timeout_s reaches the process group: rank 0's all-reduce gives up on the stopped rank
     after it, and the run ends with exit 6 and one line naming the collective and where the stage was."""
     run = tmp_path / "run"
-    stalled = launch(lost_rank_recipe, run, "--no-export", "--set", "stages.1.watchdog_s=0",
-                     "--set", "collective_timeout_s=60", env={"KAKEHASHI_FAULT_STOP": "1:instruct:5"})
+    stalled = launch(lost_rank_recipe, run, "--no-export", "--set", "stages.1.watchdog_s=0", "--set",
+                     f"collective_timeout_s={COLLECTIVE_TIMEOUT_S}", env={"KAKEHASHI_FAULT_STOP": "1:instruct:5"})
     assert stalled.returncode == EXIT_STALLED, stalled.stderr[-3000:]
     line = next(line for line in stalled.stderr.splitlines() if "kakehashi: error: rank 0: collective" in line)
     assert "kakehashi: error: rank 0: collective all_reduce called from train/hooks.py:" in line
     assert "(stage instruct, after step 5, in the Checkpoints hook after step 5)" in line
-    assert "Timed out waiting 60000ms" in line  # generous: rank 0 alone synthesizes the data meanwhile
+    assert f"Timed out waiting {COLLECTIVE_TIMEOUT_S * 1000}ms" in line
     assert not (run / "stalls").exists()  # the watchdog was off: the collective timeout ended it
