@@ -75,9 +75,9 @@ def test_two_agents_train_exactly_as_two_processes_on_one_agent(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- a lost rank
 
-WATCHDOG_S = 30  # a step of the tiny recipe takes well under a second (seconds on a loaded machine, a checkpoint
+WATCHDOG_S = 45  # a step of the tiny recipe takes well under a second (seconds on a loaded machine, a checkpoint
 # save or the first step's loader start included); the stage set-up is not watched
-COLLECTIVE_TIMEOUT_S = 30  # the longest a rank waits on its peer in a healthy run: rank 0 writing the stage
+COLLECTIVE_TIMEOUT_S = 45  # the longest a rank waits on its peer in a healthy run: rank 0 writing the stage
 # directory (a few MB); the data is synthesized before the launch (lost_rank_recipe)
 
 
