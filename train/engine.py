@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,106 +61,43 @@ def enable_fast_paths(family: ModelFamily, model, resolved: ResolvedStage) -> No
 
 
 class BatchStream:
-    """The loader's micro-batches, with a resumable position (the loader's own state when it has one).
+    """The loader's micro-batches, with a resumable position (the loader's own state when it has one)."""
 
-    With `read_ahead` > 0 (the engine's: one optimizer step), a thread reads that many micro-batches ahead of the
-    step while it computes: receiving a batch from the loader's workers (one shared-memory handle per tensor) and
-    the loader's bookkeeping run beside the forward and backward, which release the GIL, instead of between steps.
-    The order is the loader's, so every batch and loss is the same as without it. Only a loader with a state reads
-    ahead: the position saved and the bad samples counted are as of the last batch handed out, not of the last one
-    read, and batches read ahead but not handed out are given back at `close` (the loader goes back to that state).
-    Torch's DataLoader has such a thread on CUDA (pin_memory) but not on CPU; Trainer's loop reads in the step."""
-
-    def __init__(self, loader, read_ahead: int = 0):
+    def __init__(self, loader):
         self.loader, self.iterator, self.consumed = loader, None, 0
         # uint8 pixels from the loader's workers are normalised on the device with these (None: already float)
         self.image_mean, self.image_std = getattr(loader, "image_mean", None), getattr(loader, "image_std", None)
-        self.read_ahead = read_ahead if hasattr(loader, "stats_of") else 0  # MixtureLoader
-        self.reader: _Reader | None = None
-        self.handed_out: dict | None = None  # the loader's state as of the last batch handed out (reading ahead)
 
     def __next__(self) -> dict:
-        if self.read_ahead:
-            if self.reader is None:
-                self.handed_out = self.loader.state_dict()
-                self.reader = _Reader(self.loader, self.read_ahead)
-            batch, self.handed_out = self.reader.next()
-        else:
-            if self.iterator is None:
-                self.iterator = iter(self.loader)
-            batch = next(self.iterator)
+        if self.iterator is None:
+            self.iterator = iter(self.loader)
         self.consumed += 1
-        return batch
+        return next(self.iterator)
 
     def skip(self, count: int) -> None:
         for _ in range(count):
             next(self)
 
     def bad_samples(self) -> dict[str, int]:
-        """{reason: count} of the bad samples in the batches handed out on this rank."""
-        if self.reader is not None:
-            return dict(self.loader.stats_of(self.handed_out)["bad"])
+        """{reason: count} of the bad samples the loader skipped on this rank."""
         stats = getattr(self.loader, "stats", None)
         return dict(stats["bad"]) if stats else {}
 
     def close(self) -> None:
         """Stop the loader's worker processes (before Slurm's SIGTERM reaches them)."""
-        if self.reader is not None:
-            self.reader.stop()
-            self.reader = None
-            self.loader.load_state_dict(self.handed_out)  # give back what was read ahead (it closes the workers)
         getattr(self.loader, "close", lambda: None)()
 
     def state_dict(self) -> dict:
-        loader = self.handed_out if self.reader is not None else \
-            self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        return {"consumed": self.consumed, "loader": loader}
+        has_state = hasattr(self.loader, "state_dict")
+        return {"consumed": self.consumed, "loader": self.loader.state_dict() if has_state else None}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.reader is not None:
-            self.reader.stop()
-            self.reader = None
         if state["loader"] is not None:
             self.loader.load_state_dict(state["loader"])
             self.iterator = None
         else:  # a loader without state: replay to the same position (exact, but decodes what it skips)
             self.skip(state["consumed"] - self.consumed)
         self.consumed = state["consumed"]
-
-
-class _Reader(threading.Thread):
-    """Reads the loader `depth` batches ahead: (batch, the loader's state after it), or what `next` raised."""
-
-    def __init__(self, loader, depth: int):
-        super().__init__(name="kakehashi-read-ahead", daemon=True)
-        self.loader, self.queue, self.stopping = loader, queue.Queue(maxsize=depth), threading.Event()
-        self.failed: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                item = next(self.loader), self.loader.state_dict()
-            except BaseException as err:  # handed over in order: TooManyBadSamples, a worker's death, the end
-                self.queue.put(err)
-                return
-            self.queue.put(item)
-
-    def next(self) -> tuple[dict, dict]:
-        item = self.failed or self.queue.get()
-        if isinstance(item, BaseException):
-            self.failed = item  # the reader has ended: every later call raises the same
-            raise item
-        return item
-
-    def stop(self) -> None:
-        self.stopping.set()
-        while self.is_alive():  # a full queue blocks the reader's put: take what it holds until it sees the stop
-            try:
-                self.queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        self.join()
 
 
 def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, world_size: int, hooks: list,
@@ -185,9 +120,9 @@ def setup_stage(family: ModelFamily, model, stage: Stage, loader, *, rank: int, 
     if world_size == 1 and resolved.zero_stage == 0:
         engine.enable_backward_allreduce = False  # ZeRO-0 all-reduces every gradient: over one rank, copies for nothing
     ctx = StageContext(family=family, stage=stage, resolved=resolved, engine=engine, optimizer=optimizer, plan=plan,
-                       batches=BatchStream(loader, read_ahead=resolved.accumulation),
-                       accumulation=resolved.accumulation, rank=rank, world_size=world_size,
-                       device=distributed.device(), image_token_id=model.config.image_token_index,
+                       batches=BatchStream(loader), accumulation=resolved.accumulation, rank=rank,
+                       world_size=world_size, device=distributed.device(),
+                       image_token_id=model.config.image_token_index,
                        vision_length=family.vision_length(model.config), hooks=hooks,
                        source_names=stage.source_names(), source_weights=[s.loss_weight for s in stage.data])
     if stage.objective != "sft":  # before a resume loads a checkpoint: a first pass needs the starting weights

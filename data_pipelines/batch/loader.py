@@ -69,16 +69,6 @@ class _RankBatches(IterableDataset):
                    "_bad_log": batches.bad_log}
 
 
-def _stats(worker_states: list[dict | None]) -> dict:
-    bad: Counter[str] = Counter()
-    samples = 0
-    for state in worker_states:
-        if state:
-            samples += state["samples"]
-            bad.update(state["bad"])
-    return {"samples": samples, "bad": dict(bad)}
-
-
 def _as_is(batch: dict) -> dict:
     return batch
 
@@ -202,12 +192,13 @@ class MixtureLoader:
     @property
     def stats(self) -> dict:
         """{"samples": good samples in returned batches, "bad": {reason: count}} over every worker so far."""
-        return _stats(self._worker_states)
-
-    @staticmethod
-    def stats_of(state: dict) -> dict:
-        """`stats` as of a `state_dict()`: of the batches returned until then."""
-        return _stats(state["workers"])
+        bad: Counter[str] = Counter()
+        samples = 0
+        for state in self._worker_states:
+            if state:
+                samples += state["samples"]
+                bad.update(state["bad"])
+        return {"samples": samples, "bad": dict(bad)}
 
     # ---------------------------------------------------------------------------------------------- resume
 

@@ -1,19 +1,13 @@
-"""The engine on real DeepSpeed (one gloo rank in-process): freeze plans and loss normalisation; the batch stream's
-read-ahead on real loaders."""
+"""The engine on real DeepSpeed (one gloo rank in-process): freeze plans and loss normalisation."""
 
 import copy
-import itertools
 import json
 
 import pytest
 import torch
 
-from data_pipelines.batch.loader import MixtureLoader, SourceSpec, TooManyBadSamples
-from data_pipelines.synthetic.synth import synthesize
-from data_pipelines.synthetic.testing import write_bad_shards
-from data_pipelines.synthetic.tiny_tokenizer import build_tiny_tokenizer
 from tests.train.conftest import make_stage, random_batch
-from train.engine import BatchStream, consolidated_state_dict, train_stage
+from train.engine import consolidated_state_dict, train_stage
 from train.hooks import stage_hooks
 from train.models.llava import LLAVA, LlavaForTraining
 from train.reporting import MetricsLog
@@ -106,59 +100,3 @@ def test_the_guarded_optimizer_clips_with_the_norm_it_reports():
     assert expected > 0.5 and guarded._global_grad_norm == pytest.approx(float(expected), rel=1e-6)
     assert not guarded.overflow
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(layer.parameters(), twin.parameters()))
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-ja"))
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    synthesize(out, samples=60, seed=0, samples_per_shard=20, image_size=32)
-    return out
-
-
-def stream_loader(sources, tokenizer, **overrides):
-    options = dict(tokenizer=tokenizer, image_size=16, template="asagi", tokens_per_image=4, max_length=64,
-                   micro_batch_size=4, seed=0, num_workers=2, shuffle_buffer=1)
-    return MixtureLoader(sources, **{**options, **overrides})
-
-
-def test_reading_ahead_hands_out_the_loaders_batches_and_keeps_the_position_handed_out(synth_dir, tiny_tokenizer):
-    sources = [SourceSpec([f"{synth_dir}/vqa-*.tar"], 1.0, "vqa", "vqa")]
-    expected = [batch["keys"] for batch in itertools.islice(stream_loader(sources, tiny_tokenizer), 10)]
-    stream = BatchStream(stream_loader(sources, tiny_tokenizer), read_ahead=3)
-    assert [next(stream)["keys"] for _ in range(4)] == expected[:4]
-    state = stream.state_dict()
-    assert state["consumed"] == 4 and state["loader"]["batches"] == 4  # not the batches read ahead
-    resumed = BatchStream(stream_loader(sources, tiny_tokenizer), read_ahead=3)
-    resumed.load_state_dict(state)
-    assert [next(resumed)["keys"] for _ in range(6)] == expected[4:10]
-    resumed.close()
-    stream.close()  # gives back what was read ahead: the loader restarts at the 5th batch
-    assert stream.loader.state_dict()["batches"] == 4 and next(stream)["keys"] == expected[4]
-    stream.close()
-
-
-def test_reading_ahead_counts_bad_samples_and_stops_at_the_same_batch_as_the_loader(tmp_path, tiny_tokenizer):
-    paths, _ = write_bad_shards(tmp_path, good=100, max_length=64, tokens_per_image=4)
-    sources = [SourceSpec(paths, 1.0, "vqa", "bad")]
-
-    def until_stopped(batches):
-        handed_out = []
-        with pytest.raises(TooManyBadSamples) as error:
-            for _ in range(40):
-                handed_out.append((next(batches)["keys"], dict(bad_of(batches))))
-        return handed_out, str(error.value)
-
-    def bad_of(batches):
-        return batches.bad_samples() if isinstance(batches, BatchStream) else batches.stats["bad"]
-
-    plain = until_stopped(stream_loader(sources, tiny_tokenizer, micro_batch_size=10))
-    stream = BatchStream(stream_loader(sources, tiny_tokenizer, micro_batch_size=10), read_ahead=4)
-    assert until_stopped(stream) == plain and plain[0]  # same batches, bad counts as of each one, same error
-    with pytest.raises(TooManyBadSamples):  # and again: the reader has ended, the stream does not wait for it
-        next(stream)
-    stream.close()
