@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Distributions the project needs that the GPU image lacks (or, transformers, holds at another version than the one
 # tested here: carried so the GPU run uses the tested code; kernels and tomlkit: what transformers 5.25 requires
-# beyond the image; simplejpeg: the loader's JPEG decoder, a manylinux wheel). Versions: those installed here, when `wheels` runs.
+# beyond the image; simplejpeg: the loader's JPEG decoder, a manylinux wheel). Versions: those installed here, when
+# `wheels` runs.
 CARRIED = ["deepspeed", "hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
            "typing-extensions", "webdataset", "braceexpand", "transformers", "kernels", "tomlkit", "simplejpeg"]
 # Built here from PyPI's source archive (PyPI has no wheel of it): pure Python, its CUDA ops built at use if ever.
