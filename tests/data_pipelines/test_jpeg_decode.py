@@ -10,6 +10,7 @@ from PIL import Image, ImageFilter
 
 from data_pipelines.image import images
 from data_pipelines.image.images import ImageError, decode_jpeg_upright, load_pixels, load_upright_rgb, open_image
+from tests.pictures import noise_picture
 
 
 def jpeg(image: Image.Image, **kwargs) -> bytes:
@@ -19,8 +20,7 @@ def jpeg(image: Image.Image, **kwargs) -> bytes:
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    noise = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1.5))
+    return noise_picture(height, width, seed).filter(ImageFilter.GaussianBlur(1.5))
 
 
 def pillow_upright(data: bytes, size: int) -> np.ndarray:

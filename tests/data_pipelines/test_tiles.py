@@ -8,13 +8,10 @@ from PIL import Image
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from data_pipelines.image.tiles import AnyResTiles, grid_pinpoints
+from tests.pictures import noise_picture
 
 SIZE, PATCH = 64, 8
 PINPOINTS = grid_pinpoints(SIZE, 1, 4)
-
-
-def picture(height: int, width: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def processor_pixels(images: list[Image.Image]) -> np.ndarray:
@@ -36,7 +33,7 @@ def test_tiles_of_an_image_alone_are_the_image_processors(height, width):
     """Thumbnail first, then the grid row by row, black padding: transformers' output within one grey level on at
     least 99.5% of the values (antialiased bicubic in torch against PIL's)."""
     tiler = AnyResTiles(SIZE, PATCH, PINPOINTS, 4, pad_colour=(127, 127, 127))
-    image = picture(height, width)
+    image = noise_picture(height, width)
     tiles, layout = tiler([image])
     theirs = processor_pixels([image])
     assert tiles.dtype == torch.uint8 and tiles.shape == theirs.shape
@@ -47,7 +44,7 @@ def test_tiles_of_an_image_alone_are_the_image_processors(height, width):
 
 def test_an_image_beside_others_is_squared_with_the_mean_colour_not_tiled():
     tiler = AnyResTiles(SIZE, PATCH, PINPOINTS, 4, pad_colour=(127, 127, 127))
-    images = [picture(40, 150, 1), picture(90, 60, 2)]
+    images = [noise_picture(40, 150, 1), noise_picture(90, 60, 2)]
     tiles, layout = tiler(images)
     theirs = LlavaOnevisionImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_grid_pinpoints=PINPOINTS,
                                              image_mean=[0.5] * 3, image_std=[0.5] * 3, do_rescale=False,

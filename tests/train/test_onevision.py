@@ -3,14 +3,13 @@ export loads in plain transformers exactly, its recipe fields are checked, and t
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaOnevisionForConditionalGeneration
 
 from data_pipelines.image.images import normalize
 from tests.conftest import REPO, kakehashi
+from tests.pictures import noise_picture
 from train.models import family_for, model_config
 from train.models.onevision import ONEVISION
 from train.recipe import load_recipe
@@ -29,11 +28,6 @@ def tiled(tmp_path_factory):
     return recipe, model, processor, tmp
 
 
-def picture(height: int, width: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
 def test_a_tiled_recipe_builds_the_onevision_family(tiled):
     recipe, model, _, _ = tiled
     assert family_for(recipe.model) is ONEVISION and isinstance(model, LlavaOnevisionForConditionalGeneration)
@@ -48,7 +42,7 @@ def test_the_training_forward_is_transformers_own_on_the_same_tiles(tiled, sizes
     """Our forward (tiles as the loader cuts them, packed per image) gives the logits of
     LlavaOnevisionForConditionalGeneration.forward on the same pixels, image sizes and image counts."""
     recipe, model, processor, _ = tiled
-    images = [picture(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    images = [noise_picture(h, w, seed) for seed, (h, w) in enumerate(sizes)]
     tiler = ONEVISION.image_inputs(model.config, processor)["patchify"]
     tiles, layout = tiler(images)
     counts = tiler.tokens(layout)
