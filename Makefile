@@ -36,7 +36,7 @@ test-latest:  # the suite on the newest releases pyproject.toml admits, in its o
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(LATEST)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	$(LATEST)/bin/python .ci/lock.py diff $(LOCK)
-	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(WORKERS)
 
 lock:  # after test-latest passed: its versions become the tested set
 	$(LATEST)/bin/python .ci/lock.py write $(LOCK)
@@ -49,11 +49,15 @@ demo: install
 	$(BIN)/kakehashi eval $(RUN)/export --task ja-vg-vqa-500 --data data/bench/ja-vg-vqa-500 \
 		--predictions $(RUN)/ja-vg-vqa-500-predictions.jsonl
 
+# Two pytest-xdist workers: much of the suite waits (on a stopped rank, a watchdog, Slurm, a forkserver), and those
+# waits overlap with the other worker's trainings; worksteal evens out the slow tests at the end
+WORKERS ?= -n 2 --dist worksteal
+
 test: install lint check-lock
-	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q $(WORKERS)
 
 test-fast: install  # the edit loop: no whole trainings, no Slurm
-	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow and not slurm and not gpu"
+	DS_ACCELERATOR=cpu WANDB_MODE=disabled $(BIN)/python -m pytest -q $(WORKERS) -m "not slow and not slurm and not gpu"
 
 lint: install
 	$(BIN)/ruff check train data_pipelines tests

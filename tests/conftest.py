@@ -10,6 +10,10 @@ TINY_RECIPE = REPO / "recipes" / "tiny" / "asagi-2stage.yaml"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one intra-op thread in this process and every command it starts: `make test` runs two workers on 2 cores, each
+# training with loader workers beside it, and torch's extra OpenMP threads spin while they wait for a core (a
+# 66 s training took 14 min beside another so); each test compares runs made with the same count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def kakehashi(*args, cwd=None, env=None):
