@@ -41,9 +41,11 @@ def requeue() -> bool:
     job = slurm_job_id()
     if job is None:
         return False
+    # Logged before the call: Slurm ends a requeued job's running steps at once, often before scontrol returns
+    # here, so a line written after it may never reach the log.
+    log.info("requeueing Slurm job %s; it resumes from the checkpoint just saved", job)
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:
         log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
         return False
-    log.info("requeued Slurm job %s; it resumes from the checkpoint just saved", job)
     return True

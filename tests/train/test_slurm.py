@@ -156,7 +156,7 @@ def test_sigusr1_mid_stage_checkpoints_requeues_and_resumes_to_the_same_losses(u
     assert len(stopped) == 2 and len(set(stopped)) == 1, text[-4000:]  # both ranks, at the same step
     step = int(stopped[0])
     assert 5 <= step < STEPS[1]
-    assert f"requeued Slurm job {job}" in text
+    assert f"requeueing Slurm job {job}" in text
     assert f"resumed from {run / 'checkpoints' / '02-instruct' / f'step-{step:07d}'} at step {step}" in text
     assert "stage 1/2 align: already complete" in text
     assert (run / "export" / "config.json").is_file()
