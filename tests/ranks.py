@@ -7,17 +7,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import socket
 import time
 import traceback
+
+from train import ports
 
 HANG_S = 1800  # only a hang reaches this: a rank that ends without a result fails the wait at once
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port() -> int:
+    """A port for a process group's store: not bind(0)'s, which another process may take first (train/ports.py)."""
+    port = ports.stable_free_port(os.getpid())
+    assert port is not None, "no free port below the ephemeral range"
+    return port
 
 
 def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
@@ -40,7 +42,7 @@ def run_on_ranks(fn, *args, world_size: int = 2) -> list:
     results in rank order, or fails with the traceback of the first rank that raised."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results))
                  for rank in range(world_size)]
     for process in processes:

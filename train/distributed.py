@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from train import ports
 
 DEFAULT_TIMEOUT_S = 600  # the recipe's collective_timeout_s default (train/recipe.py)
 
@@ -31,7 +25,11 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     if "RANK" not in os.environ:  # a plain single process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_PORT" not in os.environ:
+            port = ports.stable_free_port(os.getpid())
+            if port is None:
+                raise RuntimeError("no free port below the ephemeral range for the one-process group; set MASTER_PORT")
+            os.environ["MASTER_PORT"] = str(port)
     import deepspeed
 
     if torch.cuda.is_available():

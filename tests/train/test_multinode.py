@@ -9,7 +9,6 @@ same set, so only the learning is alike.
 
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -18,18 +17,13 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, kakehashi
 from tests.processes import Watched, run_watched, wait_all
+from tests.ranks import free_port
 from tests.train.conftest import losses, short_recipe, torchrun
 from train.errors import EXIT_STALLED
 
 pytestmark = pytest.mark.slow  # torchrun agents training together
 
 STEPS = (2, 8)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def two_agents(recipe, output, envs=({}, {})):
