@@ -29,8 +29,10 @@ def stable_free_port(seed: int, host: str = "") -> int | None:
     """A port free on `host` now and below the ephemeral range, or None if there is none. The search starts at a
     point `seed` picks (a Slurm job id, a process id), so callers sharing a host start apart, and counts up."""
     low = ephemeral_low()
-    start = max(FIRST_USABLE, min(LOWEST_START, low - 1))
-    start += seed % max(1, low - start)
+    base = max(FIRST_USABLE, min(LOWEST_START, low - 1))
+    # Knuth's multiplicative hash: consecutive seeds (job ids, process ids) start far apart, not one port apart,
+    # where the first would take the second's port while the second has picked it but not yet bound it
+    start = base + seed * 2654435761 % max(1, low - base)
     for port in [*range(start, low), *range(FIRST_USABLE, min(start, low))]:
         with socket.socket() as probe:
             try:
