@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import shutil
+import tempfile
 import time
 import traceback
 
@@ -16,19 +18,20 @@ HANG_S = 1800  # only a hang reaches this: a rank that ends without a result fai
 
 
 def free_port() -> int:
-    """A port for a process group's store: not bind(0)'s, which another process may take first (train/ports.py)."""
+    """A port for a rendezvous endpoint: not bind(0)'s, which another process may take first (train/ports.py)."""
     port = ports.stable_free_port(os.getpid())
     assert port is not None, "no free port below the ephemeral range"
     return port
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+def _rank_main(fn, rank: int, world_size: int, store_file: str, args: tuple, results) -> None:
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+                      DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # a file store, no port: two test workers side by side cannot pick the same one
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
         results.put((rank, "ok", fn(rank, world_size, *args)))
     except BaseException:  # noqa: BLE001 - hand the traceback to the test process
         results.put((rank, "error", traceback.format_exc()))
@@ -42,8 +45,9 @@ def run_on_ranks(fn, *args, world_size: int = 2) -> list:
     results in rank order, or fails with the traceback of the first rank that raised."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results))
+    store_dir = tempfile.mkdtemp(prefix="kakehashi-ranks-")
+    store_file = os.path.join(store_dir, "store")
+    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, store_file, args, results))
                  for rank in range(world_size)]
     for process in processes:
         process.start()
@@ -70,4 +74,5 @@ def run_on_ranks(fn, *args, world_size: int = 2) -> list:
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
+        shutil.rmtree(store_dir, ignore_errors=True)
     return [collected[rank] for rank in range(world_size)]

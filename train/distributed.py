@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from train import ports
-
 DEFAULT_TIMEOUT_S = 600  # the recipe's collective_timeout_s default (train/recipe.py)
 
 
@@ -22,24 +20,28 @@ def init_distributed(timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     if not torch.cuda.is_available():
         # must precede the first `import deepspeed`: it picks its accelerator at import time
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # a plain single process: a world of one
+    alone = "RANK" not in os.environ  # a plain single process: a world of one
+    if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            port = ports.stable_free_port(os.getpid())
-            if port is None:
-                raise RuntimeError("no free port below the ephemeral range for the one-process group; set MASTER_PORT")
-            os.environ["MASTER_PORT"] = str(port)
     import deepspeed
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(
-        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-        timeout=timedelta(seconds=timeout_s),
-        verbose=False,
-    )
+    backend, timeout = ("nccl" if torch.cuda.is_available() else "gloo"), timedelta(seconds=timeout_s)
+    if alone and not torch.distributed.is_initialized():
+        _start_world_of_one(backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)  # adopts the group, if made
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _start_world_of_one(backend: str, timeout: timedelta) -> None:
+    """The group of one process. Its store listens on the port in MASTER_PORT, or else on one the kernel picks as it
+    binds (port 0): a port chosen first and bound later could be handed to another process in between."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", 0)),
+                                       world_size=1, is_master=True, timeout=timeout)
+    os.environ["MASTER_PORT"] = str(store.port)  # for whatever reads it later, as under a launcher
+    torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 def device() -> torch.device:
