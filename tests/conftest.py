@@ -16,13 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# What a launcher (torchrun) sets. The in-process group of tests/train/conftest.py's `world` leaves LOCAL_RANK in this
+# process's environment (DeepSpeed's engine reads it); a command started from here must not inherit it, or the
+# Trainer inside `bench train --baseline trainer` takes itself for a torchrun worker and looks for MASTER_ADDR.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def kakehashi(*args, cwd=None, env=None):
     """Run the real console entry point in a fresh process; returns the CompletedProcess (waited on while it makes
     progress: tests/processes.py)."""
     from tests.processes import run_watched
 
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     return run_watched([sys.executable, "-m", "train.cli", *map(str, args)], cwd=cwd or REPO,
-                       env={**os.environ, **(env or {})})
+                       env={**inherited, **(env or {})})
 
 
 @pytest.fixture
