@@ -3,7 +3,9 @@
 `bind(("", 0))` returns an ephemeral port and frees it again when the probe closes. Until the real listener binds it,
 the kernel may give that same port to anything else: an outgoing connection, or a listener that asks for port 0
 (srun does). An agent then connects to the wrong socket and waits for ever. Ports below the kernel's ephemeral range
-are never handed out that way, so one free there now stays free for whoever was told to take it.
+are never handed out that way: one free there now stays free for whoever was told to take it, unless another process
+makes this same search meanwhile (the seed starts them far apart). Where one process both picks and listens, binding
+port 0 itself is better still (train/distributed.py's world of one); this is for a port others must be told first.
 """
 
 from __future__ import annotations
