@@ -12,16 +12,7 @@ import tempfile
 import time
 import traceback
 
-from train import ports
-
 HANG_S = 1800  # only a hang reaches this: a rank that ends without a result fails the wait at once
-
-
-def free_port() -> int:
-    """A port for a rendezvous endpoint: not bind(0)'s, which another process may take first (train/ports.py)."""
-    port = ports.stable_free_port(os.getpid())
-    assert port is not None, "no free port below the ephemeral range"
-    return port
 
 
 def _rank_main(fn, rank: int, world_size: int, store_file: str, args: tuple, results) -> None:

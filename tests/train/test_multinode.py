@@ -17,13 +17,20 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, kakehashi
 from tests.processes import Watched, run_watched, wait_all
-from tests.ranks import free_port
 from tests.train.conftest import losses, short_recipe, torchrun
+from train import ports
 from train.errors import EXIT_STALLED
 
 pytestmark = pytest.mark.slow  # torchrun agents training together
 
 STEPS = (2, 8)
+
+
+def free_port() -> int:
+    """The agents' c10d endpoint: told to both agents before the first binds it, so not bind(0)'s (train/ports.py)."""
+    port = ports.stable_free_port(os.getpid())
+    assert port is not None, "no free port below the ephemeral range"
+    return port
 
 
 def two_agents(recipe, output, envs=({}, {})):
