@@ -41,8 +41,8 @@ def requeue() -> bool:
     job = slurm_job_id()
     if job is None:
         return False
-    # Logged before the call: Slurm ends a requeued job's running steps at once, often before scontrol returns
-    # here, so a line written after it may never reach the log.
+    # Logged before the call: the requeue signals this job's steps at once, and in a CI run under load a line
+    # written after the call was missing from the requeued job's log.
     log.info("requeueing Slurm job %s; it resumes from the checkpoint just saved", job)
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:
