@@ -46,9 +46,15 @@ def stable_free_port(seed: int, host: str = "") -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m train.ports SEED`: print the port (slurm/train.sbatch's rendezvous); exit 1 if there is none."""
-    port = stable_free_port(int(argv[0]) if argv else 0)
+    """`python -m train.ports SEED`: print the port (slurm/train.sbatch's rendezvous). Exit 2 on a bad SEED, 1 when
+    every port below the ephemeral range is taken; one line on stderr either way."""
+    if len(argv) != 1 or not argv[0].isdigit():
+        print(f"usage: python -m train.ports SEED (a non-negative integer such as a job id), got {argv!r}",
+              file=sys.stderr)
+        return 2
+    port = stable_free_port(int(argv[0]))
     if port is None:
+        print(f"train.ports: no free port between {FIRST_USABLE} and {ephemeral_low()}", file=sys.stderr)
         return 1
     print(port)
     return 0

@@ -4,6 +4,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from train import ports
 
@@ -48,3 +50,10 @@ def test_the_command_prints_the_port_the_batch_script_uses():
     result = subprocess.run([sys.executable, "-m", "train.ports", "35"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert ports.FIRST_USABLE <= int(result.stdout) < ports.ephemeral_low()
+
+
+@pytest.mark.parametrize("argv", [["abc"], [], ["-3"], ["1", "2"]])
+def test_the_command_refuses_a_seed_that_is_not_a_number_in_one_line(argv):
+    result = subprocess.run([sys.executable, "-m", "train.ports", *argv], cwd=REPO, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("usage: python -m train.ports SEED") and len(result.stderr.splitlines()) == 1
