@@ -3,6 +3,8 @@ the model family outside train/models/, functions in train/ that fit on a screen
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,16 @@ def test_no_module_under_train_imports_the_cli():
     importers = sorted(name for name, targets in graph.items() if "cli" in targets and name not in front_ends)
     assert not importers, f"modules importing train.cli: {importers}"
     assert "cli" in graph["__main__"]  # the scan sees the one import that is allowed
+
+
+def test_the_cli_module_imports_nothing_heavy():
+    # every loader worker imports the main module of the process that started it (`python -m train.cli`, the
+    # `kakehashi` script) at each stage start: with torch and transformers behind it, a stage's first batch waited
+    # seconds on two fresh imports of them
+    probe = "import sys, train.cli; print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'train.recipe') " \
+            "if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]
 
 
 def test_each_metric_name_says_its_scale():

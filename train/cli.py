@@ -19,7 +19,10 @@ from data_pipelines import output
 from data_pipelines.output import result, result_json
 from train import errors
 from train.errors import UsageError
-from train.recipe import COMPONENTS, TEMPLATES, load_recipe
+
+# Nothing heavy at the top (torch, transformers, train.recipe): the loader's workers import the main module of the
+# process that started them (multiprocessing's spawn preparation: `python -m train.cli`, the `kakehashi` script),
+# each one at every stage start, before its first batch. Commands import what they need.
 
 log = logging.getLogger("kakehashi")
 
@@ -36,6 +39,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from train.recipe import load_recipe
     from train.run import format_summary, run
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -60,6 +64,7 @@ def recipe_report(recipe, gpus: int | None = None, gpu_memory: int | None = None
 
     from train.build import check_init_weights
     from train.models import family_for
+    from train.recipe import COMPONENTS
     from train.run import model_config_offline
     from train.stages import describe_schedule, plan_stage
 
@@ -129,6 +134,7 @@ def format_preference(objective: str, spec: dict) -> str:
 
 def cmd_recipe_check(args) -> int:
     from train.memory import format_plan, parse_size
+    from train.recipe import COMPONENTS, load_recipe
     from train.stages import format_freeze_table
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=not args.skip_data)
@@ -301,6 +307,8 @@ def _register_train(commands) -> None:
 
 def _register_exports(commands) -> None:
     """Commands on a run's stages and on exports: export, chat, eval, shapes-eval."""
+    from train.recipe import TEMPLATES
+
     export = commands.add_parser("export", help="export a finished stage in its model family's published layout")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
