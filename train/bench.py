@@ -23,10 +23,13 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_pipelines.output import result, result_json
 from train.errors import UsageError
-from train.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ def register(bench_subparsers) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
+    from train.recipe import load_recipe
+
     depths = [layers for layers in (args.llm_layers, args.vision_layers) if layers is not None]
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or min(depths, default=1) < 1:
         raise UsageError("--steps, --rounds, --llm-layers and --vision-layers must be >= 1, --warmup >= 0")
@@ -173,6 +178,8 @@ def _child(args: argparse.Namespace, runner: str, mode: str) -> dict:
 
 
 def recipe_stage(args: argparse.Namespace):
+    from train.recipe import load_recipe
+
     recipe = load_recipe(args.recipe, args.overrides, check_data=False)
     return recipe.stages[_stage_index(recipe, args.stage)]
 
@@ -197,6 +204,7 @@ def prepared(args: argparse.Namespace):
     from train.data import stage_loader
     from train.models import family_for, model_config
     from train.models.tokenizers import is_stand_in
+    from train.recipe import load_recipe
     from train.run import build_processor, synthesize_missing_data
 
     recipe = load_recipe(args.recipe, args.overrides, check_data=False)

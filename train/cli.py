@@ -307,7 +307,7 @@ def _register_train(commands) -> None:
 
 def _register_exports(commands) -> None:
     """Commands on a run's stages and on exports: export, chat, eval, shapes-eval."""
-    from train.recipe import TEMPLATES
+    from data_pipelines.render.templates import TEMPLATES  # the names are its keys (train.recipe's TEMPLATES)
 
     export = commands.add_parser("export", help="export a finished stage in its model family's published layout")
     export.add_argument("run_dir")
@@ -328,7 +328,7 @@ def _register_exports(commands) -> None:
     evaluation.add_argument("model", help="an export directory")
     evaluation.add_argument("--data", nargs="+", required=True, metavar="PATH",
                             help="shards; with --task, the benchmark's save_to_disk folder, parquet or jsonl")
-    evaluation.add_argument("--template", choices=TEMPLATES, help="default: the export's own (kakehashi.json)")
+    evaluation.add_argument("--template", choices=list(TEMPLATES), help="default: the export's own (kakehashi.json)")
     evaluation.add_argument("--max-samples", type=int, default=200)
     evaluation.add_argument("--task", help="benchmark: ja-vg-vqa-500, ja-vlm-bench-in-the-wild, "
                                            "japanese-heron-bench, jmmmu, jdocqa (train/benchmarks/)")

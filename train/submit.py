@@ -16,7 +16,6 @@ from pathlib import Path
 
 from data_pipelines.output import result
 from train.errors import UsageError
-from train.recipe import load_recipe
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 PLACEHOLDER = re.compile(r"@[A-Z_]+@")
@@ -124,6 +123,8 @@ def render(args, recipe, output: Path, log: Path) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from train.recipe import load_recipe
+
     check_arguments(args)
     recipe = load_recipe(args.recipe, args.overrides, check_data=not args.skip_data)  # RecipeError: exit 2
     check_batch_sizes(recipe, args.nodes * processes_per_node(args))

@@ -17,10 +17,6 @@ LORA_RECIPE = REPO / "recipes" / "tiny" / "asagi-lora.yaml"
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_merged_weights_compute_what_the_adapters_did(tiny_model, dora):
     recipe = load_recipe(LORA_RECIPE, check_files=False)
