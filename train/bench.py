@@ -188,7 +188,7 @@ def _stage_index(recipe: Recipe, stage: str) -> int:
     names = [s.name for s in recipe.stages]
     if stage in names:
         return names.index(stage)
-    if stage.isdigit() and 1 <= int(stage) <= len(names):
+    if stage.isdecimal() and 1 <= int(stage) <= len(names):
         return int(stage) - 1
     raise UsageError(f"--stage {stage}: the recipe's stages are 1..{len(names)} ({', '.join(names)})")
 

@@ -35,7 +35,7 @@ def child_pids(parent: int) -> list[int]:
     """Processes whose parent is `parent`, from /proc (the torchrun agent's workers are its direct children)."""
     children = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdecimal():
             continue
         try:
             with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as stat:

@@ -48,7 +48,7 @@ def stable_free_port(seed: int, host: str = "") -> int | None:
 def main(argv: list[str]) -> int:
     """`python -m train.ports SEED`: print the port (slurm/train.sbatch's rendezvous). Exit 2 on a bad SEED, 1 when
     every port below the ephemeral range is taken; one line on stderr either way."""
-    if len(argv) != 1 or not argv[0].isdigit():
+    if len(argv) != 1 or not argv[0].isdecimal():
         print(f"usage: python -m train.ports SEED (a non-negative integer such as a job id), got {argv!r}",
               file=sys.stderr)
         return 2

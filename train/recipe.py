@@ -596,7 +596,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
             last = depth == len(keys) - 1
             where = ".".join(keys[: depth + 1])
             if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
+                if not key.isdecimal() or int(key) >= len(node):
                     problems.append(f"--set {path}: {where} is not an index of a list of {len(node)}")
                     break
                 key = int(key)

@@ -73,10 +73,11 @@ def test_bench_train_on_a_preference_stage_runs_trls_dpo_trainer_on_the_same_pai
     assert trainer["samples_per_s"] * trainer["seconds"] == pytest.approx(report["samples_per_s"] * report["seconds"])
 
 
-def test_bench_train_refuses_an_unknown_stage_in_one_line():
-    done = kakehashi("bench", "train", TINY_RECIPE, "--stage", "7", "--packing", "on")
+@pytest.mark.parametrize("stage", ["7", "²"])  # "²" passes str.isdigit() but not int()
+def test_bench_train_refuses_an_unknown_stage_in_one_line(stage):
+    done = kakehashi("bench", "train", TINY_RECIPE, "--stage", stage, "--packing", "on")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "kakehashi: error: --stage 7: the recipe's stages are 1..2 (align, instruct)"
+    assert done.stderr.strip() == f"kakehashi: error: --stage {stage}: the recipe's stages are 1..2 (align, instruct)"
 
 
 def test_bench_train_refuses_a_missing_recipe_before_starting_runs(tmp_path):

@@ -25,11 +25,12 @@ def test_character_rouge_l(candidate, reference, expected):
 
 class StubJudge(BaseHTTPRequestHandler):
     requests: list = []
+    content = " 8\n"
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         StubJudge.requests.append((self.path, self.headers.get("Authorization"), body))
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": " 8\n"}}]}).encode()
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": StubJudge.content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(reply)))
@@ -46,6 +47,7 @@ def judge_server():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     StubJudge.requests = []
+    StubJudge.content = " 8\n"
     yield f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
 
@@ -57,3 +59,8 @@ def test_judge_hook_asks_an_openai_compatible_endpoint(judge_server, monkeypatch
     ((path, auth, body),) = StubJudge.requests
     assert path == "/v1/chat/completions" and auth == "Bearer secret"
     assert "参照回答: 赤色です。" in body["messages"][0]["content"] and body["temperature"] == 0
+
+
+def test_a_judge_reply_without_a_number_scores_none(judge_server):
+    StubJudge.content = "²"  # a digit to str.isdigit(), not a number to int()
+    assert reference_score_1_10(Judge(judge_server, key="secret"), "質問", "参照", "回答") is None

@@ -52,7 +52,7 @@ def test_the_command_prints_the_port_the_batch_script_uses():
     assert ports.FIRST_USABLE <= int(result.stdout) < ports.ephemeral_low()
 
 
-@pytest.mark.parametrize("argv", [["abc"], [], ["-3"], ["1", "2"]])
+@pytest.mark.parametrize("argv", [["abc"], [], ["-3"], ["1", "2"], ["²"]])
 def test_the_command_refuses_a_seed_that_is_not_a_number_in_one_line(argv):
     result = subprocess.run([sys.executable, "-m", "train.ports", *argv], cwd=REPO, capture_output=True, text=True)
     assert (result.returncode, result.stdout) == (2, "")

@@ -72,9 +72,11 @@ def test_overrides_reach_any_field(tiny_recipe_text):
     assert recipe.stages[1].save_every == 10
     assert recipe.model.llm.config["num_hidden_layers"] == 3
     assert recipe.stages[0].precision == "bf16"
-    problems = problems_of(tiny_recipe_text, overrides=["stages.7.steps=1", "nonsense"])
+    # "²" is a digit to str.isdigit() but not a number to int()
+    problems = problems_of(tiny_recipe_text, overrides=["stages.7.steps=1", "nonsense", "stages.².steps=1"])
     assert problems[0].startswith("--set stages.7.steps: stages.7 is not an index")
     assert problems[1].startswith("--set 'nonsense': expected dotted.path=value")
+    assert problems[2].startswith("--set stages.².steps: stages.² is not an index")
 
 
 def test_trust_remote_code_needs_a_pinned_revision(tiny_recipe_text):

@@ -205,5 +205,5 @@ def parse_heron(completion: str) -> dict[str, int]:
 def reference_score_1_10(judge: Judge, question: str, reference: str, answer: str) -> float | None:
     """The judge's 1-10 score of `answer` against `reference` (REFERENCE_SCORE_PROMPT); None without a number."""
     content = REFERENCE_SCORE_PROMPT.format(question=question, reference=reference, answer=answer)
-    digits = "".join(ch for ch in judge.complete([{"role": "user", "content": content}]).strip() if ch.isdigit())
+    digits = "".join(ch for ch in judge.complete([{"role": "user", "content": content}]).strip() if ch.isdecimal())
     return float(digits) if digits and 1 <= int(digits) <= 10 else None
