@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from train.cli import FULL_COLLECTION_EVERY
+from train.collector import FULL_COLLECTION_EVERY
 
 PACKAGES = ("train", "data_pipelines")
 MAX_FUNCTION_LINES = 60
@@ -120,7 +120,7 @@ def test_the_cli_module_imports_nothing_heavy():
 
 
 def test_a_command_rarely_walks_what_start_up_imported_and_never_at_exit():
-    # train/cli.py FULL_COLLECTION_EVERY: full collections over the ~400,000 objects of torch, transformers and
+    # train/collector.py: full collections over the ~400,000 objects of torch, transformers and
     # DeepSpeed cost a training process 0.8 s while importing them and 1.1 s at exit, and freed nothing
     probe = ("import gc, sys, train.cli\n"
              "code = train.cli.main(['recipe', 'check', sys.argv[1], '--json'])\n"

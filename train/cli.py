@@ -9,7 +9,6 @@ and their exit codes are in train/errors.py; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from data_pipelines import output
 from data_pipelines.output import result, result_json
-from train import errors
+from train import collector, errors
 from train.errors import UsageError
 
 # Nothing heavy at the top (torch, transformers, train.recipe): the loader's workers import the main module of the
@@ -350,37 +349,20 @@ def _register_exports(commands) -> None:
     shapes.set_defaults(func=cmd_shapes_eval)
 
 
-# Python's cyclic garbage collector in a command's process. Start-up imports torch, transformers and DeepSpeed: about
-# 400,000 objects that live until exit. With the default thresholds a full collection walks all of them whenever the
-# younger generations have grown by a quarter, which is often while they are being imported (0.8 s of a training
-# process's 4.6 s of imports on the 2-core machine); at exit the interpreter walks them once more (1.1 s), to free
-# nothing. So full collections come 10x less often (young ones, where short-lived cycles die, as often as before),
-# and at exit every object left is frozen out of the final walk (atexit handlers and logging's flush still run).
-# docs/performance.md: "Process start and exit".
-FULL_COLLECTION_EVERY = 100  # young (generation-1) collections per full one; Python's default is 10
-
-
 def main(argv: list[str] | None = None) -> int:
     """The `kakehashi` command: stdout holds its result only; a reported error is one message and its exit code."""
-    gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_EVERY)
-    try:
-        return run_command(argv)
-    finally:
-        gc.freeze()
-
-
-def run_command(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    output.configure_logging()
-    with output.results_on_stdout():
-        try:
-            return args.func(args)
-        except Exception as err:  # noqa: BLE001 - only the errors train/errors.py maps; the rest keep their traceback
-            code = errors.exit_code(err)
-            if code is None:
-                raise
-            print(f"kakehashi: {errors.message(err)}", file=sys.stderr, flush=True)
-            return code
+    with collector.for_a_process():
+        args = build_parser().parse_args(argv)
+        output.configure_logging()
+        with output.results_on_stdout():
+            try:
+                return args.func(args)
+            except Exception as err:  # noqa: BLE001 - only the errors train/errors.py maps; the rest keep tracebacks
+                code = errors.exit_code(err)
+                if code is None:
+                    raise
+                print(f"kakehashi: {errors.message(err)}", file=sys.stderr, flush=True)
+                return code
 
 
 if __name__ == "__main__":
