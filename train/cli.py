@@ -39,6 +39,9 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from data_pipelines.batch.workers import start_worker_server
+
+    start_worker_server()  # before the model code's imports: the forkserver imports the data path meanwhile
     from train.recipe import load_recipe
     from train.run import format_summary, run
 

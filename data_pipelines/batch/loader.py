@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -23,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.batch.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
+from data_pipelines.batch.workers import worker_context
 from data_pipelines.errors import TooManyBadSamples
 from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
 from data_pipelines.read.shards import expand_shard_patterns
@@ -32,13 +32,6 @@ from data_pipelines.render.tokenize import image_token_id, pad_token_id
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
-
-# Workers start from a forkserver, not by fork: a training process has threads (gloo's, DeepSpeed's, a previous
-# loader's queue feeders), and a fork taken while one of them holds a lock leaves the child waiting on it forever
-# (a clean-clone run hung so, in os.fork of a stage-2 worker). The forkserver is a fresh single-threaded process;
-# it imports the data path once (PRELOAD), so each worker start is a fork of it plus unpickling the config.
-WORKER_START = "forkserver"
-PRELOAD = ["data_pipelines.batch.loader", "transformers"]
 
 __all__ = ["MixtureLoader", "SourceSpec", "TooManyBadSamples"]
 
@@ -71,12 +64,6 @@ class _RankBatches(IterableDataset):
 
 def _as_is(batch: dict) -> dict:
     return batch
-
-
-def _worker_context():
-    context = multiprocessing.get_context(WORKER_START)
-    context.set_forkserver_preload(PRELOAD)  # read when the forkserver starts (once per process)
-    return context
 
 
 class MixtureLoader:
@@ -160,7 +147,7 @@ class MixtureLoader:
                 self._iterator = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is,
                                                  num_workers=self.num_workers, persistent_workers=True,
                                                  prefetch_factor=self.prefetch_factor,
-                                                 multiprocessing_context=_worker_context(),
+                                                 multiprocessing_context=worker_context(),
                                                  pin_memory=torch.cuda.is_available()))  # async host-to-GPU copies
         batch = next(self._iterator)
         self._worker_states[batch.pop("_worker")] = batch.pop("_state")

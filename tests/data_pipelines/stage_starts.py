@@ -21,11 +21,11 @@ def stage_starts(rank: int, world_size: int, shards: str, tokenizer_dir: str, st
 
     import torch
 
-    from data_pipelines.batch import loader as loader_module
+    from data_pipelines.batch import workers
     from data_pipelines.batch.loader import MixtureLoader, SourceSpec
     from data_pipelines.synthetic.tiny_tokenizer import load_or_build_tiny_tokenizer
 
-    loader_module.WORKER_START = method
+    workers.WORKER_START = method
     tokenizer = load_or_build_tiny_tokenizer(tokenizer_dir)
     seconds, left_alive = [], []
     for start in range(starts):

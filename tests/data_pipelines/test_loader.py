@@ -166,9 +166,9 @@ def test_invalid_arguments_fail_at_construction(synth_dir, tiny_tokenizer, image
 
 
 def test_many_stage_starts_on_two_ranks_with_live_gloo_threads_never_hang(synth_dir, tmp_path):
-    # the workers start from a forkserver (data_pipelines/batch/loader.py WORKER_START), never by fork of a process with
+    # the workers start from a forkserver (data_pipelines/batch/workers.py WORKER_START), never by fork of a process with
     # threads, and close() joins them: a hang here fails run_on_ranks instead of passing
-    from data_pipelines.batch.loader import WORKER_START
+    from data_pipelines.batch.workers import WORKER_START
     from tests.data_pipelines.stage_starts import stage_starts
     from tests.ranks import run_on_ranks
 
