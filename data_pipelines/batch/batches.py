@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -76,7 +76,7 @@ class WorkerState:
     pending: list[dict] = field(default_factory=list)  # packing buffer: {"source", "stream" (before the read), "age"}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # WorkerBatches.state() builds every list and dict in it afresh: no deep copy
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Pending:
     age: int = 0  # micro-batches it has waited; past MAX_WAIT it is placed first
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "stream": self.stream, "age": self.age}
+        return {"source": self.source, "stream": dict(self.stream), "age": self.age}
 
 
 MAX_WAIT = 4
@@ -127,7 +127,7 @@ class WorkerBatches:
         self.pending = self.reread_pending(state.pending)
 
     def state(self) -> WorkerState:
-        return WorkerState(next_batch=self.next_batch, streams=[asdict(s.state()) for s in self.streams],
+        return WorkerState(next_batch=self.next_batch, streams=[s.state_dict() for s in self.streams],
                            samples=self.samples, bad=dict(self.bad), pending=[p.to_dict() for p in self.pending])
 
     def __iter__(self) -> Iterator[dict]:
@@ -156,7 +156,7 @@ class WorkerBatches:
         while (len(self.pending) < config.micro_batch_size
                or sum(len(p.example.input_ids) for p in self.pending) < 2 * capacity):
             source = rng.choices(range(len(config.names)), weights=config.weights)[0]
-            before = asdict(self.streams[source].state())
+            before = self.streams[source].state_dict()
             self.pending.append(Pending(self.next_example(source), source, before))
         rows = first_fit_decreasing([len(p.example.input_ids) for p in self.pending], config.micro_batch_size,
                                     config.max_length, priority=[p.age >= MAX_WAIT for p in self.pending])
@@ -177,7 +177,7 @@ class WorkerBatches:
             plan = self.streams[source].plan
             stream = SourceStream(plan, slot, config.shuffle_buffer, StreamState(**wanted[0][1]["stream"]))
             for index, p in wanted:
-                while asdict(stream.state()) != p["stream"]:
+                while stream.state_dict() != p["stream"]:
                     # units_read runs a block ahead (a block of a small source spans many units), as in next_example
                     if stream.units_read > plan.units_per_epoch * 2 + stream.block_size + int(p["stream"]["unit"]):
                         raise RuntimeError(f"loader state: a buffered sample of source {config.names[source]!r} "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 from data_pipelines.read.shard_reader import RawSample, iter_raw_samples
@@ -83,7 +83,7 @@ class SourceStream:
 
     def __init__(self, plan: UnitPlan, slot: int, block_size: int, state: StreamState | None = None):
         self.plan, self.slot, self.block_size = plan, slot, block_size
-        self._state = StreamState(**asdict(state)) if state is not None else StreamState()
+        self._state = StreamState(**vars(state)) if state is not None else StreamState()
         self._block: list[RawSample | None] = []
         self._order: list[int] = []
         self._reader: Iterator[tuple[RawSample, Cursor]] | None = None
@@ -97,7 +97,11 @@ class SourceStream:
         return self._next_block_start[0] if self._next_block_start else self._state.unit
 
     def state(self) -> StreamState:
-        return StreamState(**asdict(self._state))
+        return StreamState(**vars(self._state))
+
+    def state_dict(self) -> dict:
+        """state() as a plain dict, without dataclasses.asdict's deep copy (the loader takes one per sample read)."""
+        return dict(vars(self._state))
 
     def __next__(self) -> RawSample:
         if self._state.block < 0 or self._state.taken >= len(self._block):

@@ -3,7 +3,8 @@ import torch
 from data_pipelines.batch.collate import collate
 from data_pipelines.render.example import Example
 from data_pipelines.render.templates import Segment, render
-from data_pipelines.render.tokenize import IGNORE_INDEX, encode
+from data_pipelines.render.tokenize import IGNORE_INDEX, encode, piece_encoder
+from data_pipelines.synthetic.tiny_tokenizer import build_tiny_sentencepiece_tokenizer
 
 CONVERSATION = {"conversations": [
     {"role": "user", "content": "<image>\nこの図形は何色ですか？"}, {"role": "assistant", "content": "赤色です。"},
@@ -96,3 +97,39 @@ def test_a_cut_inside_a_later_image_drops_that_image_and_keeps_the_earlier_text(
     second_image = full.input_ids.index(IMAGE_ID, 5)
     cut = encode(segments, tiny_tokenizer, tokens_per_image=4, max_length=second_image + 2)  # inside image 2
     assert cut.num_images == 1 and cut.input_ids == full.input_ids[:second_image]
+
+
+def rendered_pieces(tok) -> list[str]:
+    """The text pieces encode() tokenizes for CONVERSATION in every template, and edge cases."""
+    pieces = [piece for template in ("asagi", "sarashina", "plain")
+              for segment in render(CONVERSATION, template, tok.eos_token) for piece in segment.text.split("<image>")]
+    return pieces + [" ", "\n\n", "  前後に空白  ", f"{tok.eos_token}{tok.eos_token}x", "<image>", "ｱｲｳ①Ⅻ", "a" * 300]
+
+
+def test_piece_ids_are_the_tokenizer_calls_ids_for_fast_and_sentencepiece_tokenizers(tiny_tokenizer, tmp_path):
+    for tok in (tiny_tokenizer, build_tiny_sentencepiece_tokenizer(tmp_path)):
+        piece_ids = piece_encoder(tok)
+        for piece in rendered_pieces(tok):
+            assert piece_ids(piece) == tok(piece, add_special_tokens=False)["input_ids"], (type(tok), piece)
+
+
+def test_piece_ids_ignore_a_truncation_left_on_the_backend_by_another_call(tiny_tokenizer):
+    piece_ids, text = piece_encoder(tiny_tokenizer), "この図形は何色ですか？赤色です。"
+    full = piece_ids(text)
+    tiny_tokenizer([text], truncation=True, max_length=2)  # transformers leaves the backend truncating at 2
+    try:
+        assert tiny_tokenizer.backend_tokenizer.truncation is not None
+        assert piece_ids(text) == full and len(full) > 2
+    finally:
+        tiny_tokenizer(text)  # a plain call resets the backend for the session's other tests
+
+
+def test_piece_ids_go_through_a_tokenizer_that_overrides_its_call(tiny_tokenizer):
+    class Lowercasing(type(tiny_tokenizer)):
+        def __call__(self, text, **kwargs):
+            return super().__call__(text.lower(), **kwargs)
+
+    tok = Lowercasing(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token=tiny_tokenizer.bos_token,
+                      eos_token=tiny_tokenizer.eos_token)
+    assert piece_encoder(tok)("ABC") == tiny_tokenizer("abc", add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer("ABC", add_special_tokens=False)["input_ids"] != piece_encoder(tok)("ABC")
