@@ -19,14 +19,8 @@ from PIL import Image
 from data_pipelines.batch.collate import collate, collate_pairs
 from data_pipelines.batch.pack import collate_packed, first_fit_decreasing
 from data_pipelines.errors import TooManyBadSamples  # raised here; still importable from here
-from data_pipelines.image.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImageError,
-    ResizeMode,
-    decode_image,
-    load_pixels,
-    stack_pixels,
-)
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from data_pipelines.image.pixels import ResizeMode, load_pixels, stack_pixels
 from data_pipelines.read.shard_reader import RawSample
 from data_pipelines.read.streams import SourceStream, StreamState, UnitPlan, seeded_rng
 from data_pipelines.render.example import Example

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipelines.image.images import normalize
+from data_pipelines.image.pixels import normalize
 from data_pipelines.render.example import Example, layouts
 from data_pipelines.render.tokenize import IGNORE_INDEX
 

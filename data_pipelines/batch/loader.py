@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipelines.batch.batches import WorkerBatches, WorkerConfig, bad_share_message, build_example, over_bad_limit
 from data_pipelines.batch.workers import worker_context
 from data_pipelines.errors import TooManyBadSamples
-from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES, ResizeMode
+from data_pipelines.image.images import DEFAULT_MAX_IMAGE_PIXELS
+from data_pipelines.image.pixels import RESIZE_MODES, ResizeMode
 from data_pipelines.read.shards import expand_shard_patterns
 from data_pipelines.render.samples import TASKS
 from data_pipelines.render.templates import template_format
@@ -113,7 +114,7 @@ class MixtureLoader:
             image_token_id(tokenizer, token)  # fail now if the tokenizer lacks it
         pad = pad_token_id(tokenizer)
         self.sources = sources
-        self.image_mean, self.image_std = image_mean, image_std  # for the caller's `images.normalize`
+        self.image_mean, self.image_std = image_mean, image_std  # for the caller's `pixels.normalize`
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.config = WorkerConfig(
             names=[s.name for s in sources], tasks=[s.task for s in sources], weights=[s.weight for s in sources],

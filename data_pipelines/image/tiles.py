@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 
-from data_pipelines.image.images import resize_uint8
+from data_pipelines.image.pixels import resize_uint8
 
 
 def grid_pinpoints(image_size: int, min_tiles: int, max_tiles: int) -> list[list[int]]:

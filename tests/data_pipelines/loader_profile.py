@@ -31,7 +31,8 @@ def main(folder: str) -> None:
     import torch
 
     from data_pipelines.batch import batches
-    from data_pipelines.image.images import load_pixels, load_upright_rgb, open_image, resize_uint8
+    from data_pipelines.image.images import load_upright_rgb, open_image
+    from data_pipelines.image.pixels import load_pixels, resize_uint8
     from data_pipelines.read.shards import iter_raw_samples
     from data_pipelines.synthetic.tiny_tokenizer import build_tiny_tokenizer
     from data_pipelines.tools.bench import loader_samples_per_s, write_photo_shards

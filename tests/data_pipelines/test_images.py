@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from data_pipelines.image.images import ImageError, decode_image, load_pixels, normalize
+from data_pipelines.image.images import ImageError, decode_image
+from data_pipelines.image.pixels import load_pixels, normalize
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

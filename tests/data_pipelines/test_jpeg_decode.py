@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from data_pipelines.image import images
-from data_pipelines.image.images import ImageError, decode_jpeg_upright, load_pixels, load_upright_rgb, open_image
+from data_pipelines.image import pixels
+from data_pipelines.image.images import ImageError, decode_jpeg_upright, load_upright_rgb, open_image
+from data_pipelines.image.pixels import load_pixels
 from tests.pictures import noise_picture
 
 
@@ -32,7 +33,7 @@ def pillow_upright(data: bytes, size: int) -> np.ndarray:
 
 
 def pillow_pixels(data: bytes, size: int, mode: str = "squash") -> torch.Tensor:
-    return images.resize_uint8(torch.from_numpy(pillow_upright(data, size)).permute(2, 0, 1), size, mode)
+    return pixels.resize_uint8(torch.from_numpy(pillow_upright(data, size)).permute(2, 0, 1), size, mode)
 
 
 def outcome(load, data: bytes, size: int):
@@ -151,8 +152,8 @@ def test_the_pixel_limit_is_checked_before_any_decode():
 @pytest.mark.parametrize("layout", ["hwc", "chw"])
 def test_resize_gives_f_interpolate_values_stored_channels_last(mode, layout):
     stored = torch.from_numpy(np.array(photo(90, 61))).permute(2, 0, 1)  # [3, H, W] over HWC memory, as decoded
-    pixels = stored if layout == "hwc" else stored.contiguous()
-    ours = images.resize_uint8(pixels, 32, mode)
+    given = stored if layout == "hwc" else stored.contiguous()
+    ours = pixels.resize_uint8(given, 32, mode)
     size = (32, 32) if mode == "squash" else (32, int(32 * 90 / 61))
     theirs = torch.nn.functional.interpolate(stored[None], size=size, mode="bicubic", antialias=True)[0]
     if mode == "shortest_edge_crop":
@@ -168,12 +169,12 @@ def test_the_loader_hands_over_channels_last_and_the_model_gets_nchw(tmp_path):
 
     single = [load_pixels(jpeg(photo(80, 60, seed=i)), 16) for i in range(3)]
     examples = [Example(key=f"k{i}", source="s", source_id=0, input_ids=[1, 2], labels=[1, 2],
-                        pixel_values=images.stack_pixels(group))
+                        pixel_values=pixels.stack_pixels(group))
                 for i, group in enumerate([single[:1], single[1:]])]  # one image, then two
     batch = collate(examples, pad_token_id=0)
-    pixels = batch["pixel_values"]
-    assert pixels.shape == (3, 3, 16, 16) and pixels.is_contiguous(memory_format=torch.channels_last)
-    assert all(torch.equal(pixels[i], single[i]) for i in range(3))
+    batched = batch["pixel_values"]
+    assert batched.shape == (3, 3, 16, 16) and batched.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(batched[i], single[i]) for i in range(3))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     inputs = model_inputs(batch, "cpu", mean, std)["pixel_values"]
     expected = (torch.stack(single).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, LlavaOnevisionForConditionalGeneration
 
-from data_pipelines.image.images import normalize
+from data_pipelines.image.pixels import normalize
 from tests.conftest import REPO, kakehashi
 from tests.pictures import noise_picture
 from train.models import family_for, model_config
