@@ -79,7 +79,7 @@ Cursor = tuple[int, int, int]  # (unit counter, sample index in the shard, byte 
 
 
 class SourceStream:
-    """`next()` gives the slot's next raw sample; `state()` / the constructor's `state` resume it exactly."""
+    """`next()` gives the slot's next raw sample; `state_dict()` / the constructor's `state` resume it exactly."""
 
     def __init__(self, plan: UnitPlan, slot: int, block_size: int, state: StreamState | None = None):
         self.plan, self.slot, self.block_size = plan, slot, block_size
@@ -96,11 +96,9 @@ class SourceStream:
         """Unit counter of the read position: how far the slot has advanced through its units."""
         return self._next_block_start[0] if self._next_block_start else self._state.unit
 
-    def state(self) -> StreamState:
-        return StreamState(**vars(self._state))
-
     def state_dict(self) -> dict:
-        """state() as a plain dict, without dataclasses.asdict's deep copy (the loader takes one per sample read)."""
+        """Where the stream stands (StreamState's fields), as a fresh plain dict: the loader takes one per sample read,
+        so no dataclasses.asdict (a recursive deep copy)."""
         return dict(vars(self._state))
 
     def __next__(self) -> RawSample:
