@@ -37,7 +37,10 @@ def piece_encoder(tokenizer) -> Callable[[str], list[int]]:
     loader. It is used only while the backend stands as that call would leave it, and only for a tokenizer whose
     call path is transformers' own and that gives the same ids on probe texts; anything else goes through its call.
     """
-    cached = _PIECE_ENCODERS.get(tokenizer)
+    try:
+        cached = _PIECE_ENCODERS.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be a weak dictionary's key: nothing to cache it under
+        return _build_piece_encoder(tokenizer)
     if cached is None:
         cached = _PIECE_ENCODERS[tokenizer] = _build_piece_encoder(tokenizer)
     return cached

@@ -133,3 +133,13 @@ def test_piece_ids_go_through_a_tokenizer_that_overrides_its_call(tiny_tokenizer
                       eos_token=tiny_tokenizer.eos_token)
     assert piece_encoder(tok)("ABC") == tiny_tokenizer("abc", add_special_tokens=False)["input_ids"]
     assert tiny_tokenizer("ABC", add_special_tokens=False)["input_ids"] != piece_encoder(tok)("ABC")
+
+
+def test_piece_ids_of_a_tokenizer_that_cannot_be_cached_still_go_through_its_call():
+    class Unhashable:  # a tokenizer-like wrapper that defines __eq__ has no hash, so no weak dictionary key
+        __hash__ = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert piece_encoder(Unhashable())("ab") == [97, 98]
