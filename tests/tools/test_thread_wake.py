@@ -1,9 +1,8 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
 
 
 def test_thread_wake_times_the_first_op_asleep_and_busy():
