@@ -10,7 +10,7 @@ processors use, to within one grey level on almost every pixel, and is ~4x faste
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from data_pipelines.image.images import (
 )
 
 ResizeMode = Literal["squash", "shortest_edge_crop"]
-RESIZE_MODES = ("squash", "shortest_edge_crop")
+RESIZE_MODES = get_args(ResizeMode)  # the same names, for checks at run time
 
 
 def load_pixels(data: bytes, image_size: int, resize_mode: ResizeMode = "squash",
